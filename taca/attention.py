@@ -1,0 +1,213 @@
+"""TACA attention arithmetic (arXiv 2506.07986, eq. 10), independent of ComfyUI.
+
+Every function here takes the attention backend as a callable, so the fused
+kernel ComfyUI (or another pack) selected keeps doing the softmax; we only
+change what goes into it.  Nothing in this module imports ComfyUI.
+
+Notation: the joint sequence holds N tokens, the text tokens occupy the
+contiguous span ``[text.start, text.stop)`` and every other token is visual.
+TACA multiplies the logits q_i.k_j/sqrt(d) of visual queries i and text keys j
+by gamma; additive masks are added after that scaling and boolean masks keep
+their meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+MODES: Tuple[str, ...] = ("exact", "selective", "flex")
+GAMMA_MIN = 0.1
+GAMMA_MAX = 3.0
+FLEX_MIN_TORCH = "2.5.0"
+
+# attend(q, k, v, mask) -> output; the layout of every tensor is the caller's.
+Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+class TextSpan(NamedTuple):
+    """Where the text tokens sit in a joint sequence of ``length`` tokens."""
+
+    start: int
+    stop: int
+    length: int
+
+    @classmethod
+    def text_first(cls, text_tokens: int, length: int) -> "TextSpan":
+        return cls(0, text_tokens, length)
+
+    @classmethod
+    def text_last(cls, text_tokens: int, length: int) -> "TextSpan":
+        return cls(length - text_tokens, length, length)
+
+    @property
+    def text_tokens(self) -> int:
+        return self.stop - self.start
+
+    def visual_pieces(self) -> List[Tuple[int, int]]:
+        """The visual token ranges, in sequence order (one, or two if text sits in the middle)."""
+        pieces = [(0, self.start), (self.stop, self.length)]
+        return [(a, b) for a, b in pieces if b > a]
+
+
+def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
+    """Raise ValueError naming the bad value and the accepted range."""
+    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or not (GAMMA_MIN <= gamma <= GAMMA_MAX):
+        raise ValueError(
+            f"TACA: gamma={gamma!r} is out of range; use a value in [{GAMMA_MIN}, {GAMMA_MAX}] "
+            "(the paper uses 1.15-1.25, default 1.2; 1.0 disables TACA)."
+        )
+    if not isinstance(threshold_sigma, (int, float)) or not math.isfinite(threshold_sigma) or not (0.0 <= threshold_sigma <= 1.0):
+        raise ValueError(
+            f"TACA: threshold_sigma={threshold_sigma!r} is out of range; use a sigma in [0, 1] "
+            "(default 0.97, i.e. t_thresh = 970 in the paper)."
+        )
+    if mode not in MODES:
+        raise ValueError(f"TACA: unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+
+
+def scale_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int) -> torch.Tensor:
+    """A copy of ``k`` whose text tokens are multiplied by gamma (the one extra K-sized buffer)."""
+    scaled = k.clone()
+    scaled.narrow(seq_dim, span.start, span.text_tokens).mul_(gamma)
+    return scaled
+
+
+def mask_rows(mask: Optional[torch.Tensor], start: int, stop: int, n_query: int) -> Optional[torch.Tensor]:
+    """The query rows [start, stop) of a mask whose second-to-last dim is queries (or broadcast 1)."""
+    if mask is None or mask.ndim < 2 or mask.shape[-2] != n_query:
+        return mask
+    return mask.narrow(mask.ndim - 2, start, stop - start)
+
+
+def _gather(t: torch.Tensor, pieces: Sequence[Tuple[int, int]], dim: int) -> torch.Tensor:
+    if len(pieces) == 1:
+        a, b = pieces[0]
+        return t.narrow(dim, a, b - a)
+    return torch.cat([t.narrow(dim, a, b - a) for a, b in pieces], dim=dim)
+
+
+def exact_attention(
+    attend: Backend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    span: TextSpan,
+    gamma: float,
+    seq_dim: int,
+    out_seq_dim: int,
+) -> torch.Tensor:
+    """Eq. 10 exactly, in two backend calls.
+
+    Text-query rows see the original keys; visual-query rows see keys whose
+    text part is multiplied by gamma, which multiplies exactly the logits
+    q_vis . k_txt / sqrt(d) by gamma before the backend adds the mask.
+    """
+    n_query = q.shape[seq_dim]
+    if span.text_tokens == 0 or span.text_tokens == n_query:
+        return attend(q, k, v, mask)
+    vis = span.visual_pieces()
+    k_scaled = scale_text_keys(k, span, gamma, seq_dim)
+
+    out_text = attend(q.narrow(seq_dim, span.start, span.text_tokens), k, v,
+                      mask_rows(mask, span.start, span.stop, n_query))
+    if len(vis) == 1:
+        a, b = vis[0]
+        out_vis = attend(q.narrow(seq_dim, a, b - a), k_scaled, v, mask_rows(mask, a, b, n_query))
+    else:
+        vis_mask = mask
+        if mask is not None and mask.ndim >= 2 and mask.shape[-2] == n_query:
+            vis_mask = _gather(mask, vis, mask.ndim - 2)
+        out_vis = attend(_gather(q, vis, seq_dim), k_scaled, v, vis_mask)
+
+    # Reassemble the rows in sequence order.
+    parts = []
+    offset = 0
+    for a, b in sorted(vis + [(span.start, span.stop)]):
+        if (a, b) == (span.start, span.stop):
+            parts.append(out_text)
+        else:
+            parts.append(out_vis.narrow(out_seq_dim, offset, b - a))
+            offset += b - a
+    return torch.cat(parts, dim=out_seq_dim)
+
+
+def selective_attention(
+    attend: Backend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    span: TextSpan,
+    gamma: float,
+    seq_dim: int,
+) -> torch.Tensor:
+    """The paper's listing 2: text keys scaled for every query, one backend call.
+
+    Exact for visual-query rows; text-query rows also get their text->text
+    logits scaled by gamma, which eq. 10 does not do.
+    """
+    if span.text_tokens == 0:
+        return attend(q, k, v, mask)
+    return attend(q, scale_text_keys(k, span, gamma, seq_dim), v, mask)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_flex() -> None:
+    if not flex_available():
+        raise RuntimeError(
+            f"TACA mode 'flex' needs torch.nn.attention.flex_attention (PyTorch >= {FLEX_MIN_TORCH}); "
+            f"this PyTorch is {torch.__version__}. Upgrade PyTorch or use mode 'exact'."
+        )
+
+
+def _broadcast_mask(mask: torch.Tensor, b: int, h: int, nq: int, nk: int) -> torch.Tensor:
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    return mask.expand(b, h, nq, nk)
+
+
+def flex_taca_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    span: TextSpan,
+    gamma: float,
+    flex_fn: Optional[Callable] = None,
+) -> torch.Tensor:
+    """The paper's listing 1 through flex_attention; q, k, v are (B, H, N, D).
+
+    ``flex_fn`` is flex_attention itself or a compiled version of it.
+    """
+    if flex_fn is None:
+        require_flex()
+        from torch.nn.attention.flex_attention import flex_attention as flex_fn
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    t0, t1 = span.start, span.stop
+    gamma_t = torch.tensor(gamma, dtype=torch.float32, device=q.device)
+    full_mask = None if mask is None else _broadcast_mask(mask, b, h, nq, nk)
+
+    def score_mod(score, bi, hi, qi, ki):
+        visual_query = (qi < t0) | (qi >= t1)
+        text_key = (ki >= t0) & (ki < t1)
+        score = torch.where(visual_query & text_key, score * gamma_t, score)
+        if full_mask is None:
+            return score
+        m = full_mask[bi, hi, qi, ki]
+        if m.dtype == torch.bool:
+            return torch.where(m, score, -float("inf"))
+        return score + m.to(score.dtype)
+
+    return flex_fn(q, k, v, score_mod=score_mod)
