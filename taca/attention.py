@@ -172,8 +172,11 @@ def require_flex() -> None:
 
 
 def _broadcast_mask(mask: torch.Tensor, b: int, h: int, nq: int, nk: int) -> torch.Tensor:
-    while mask.ndim < 4:
+    # ComfyUI's conventions: (Nq, Nk), (B, Nq, Nk) or (B, H, Nq, Nk), any dim possibly 1.
+    if mask.ndim == 2:
         mask = mask.unsqueeze(0)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
     return mask.expand(b, h, nq, nk)
 
 

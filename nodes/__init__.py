@@ -1,0 +1,18 @@
+"""The pack's ComfyUI nodes (V3 API)."""
+
+from __future__ import annotations
+
+from typing import List, Type
+
+from comfy_api.latest import ComfyExtension, io
+
+from .taca_patch_model import TACAPatchModel
+
+
+class TacaExtension(ComfyExtension):
+    async def get_node_list(self) -> List[Type[io.ComfyNode]]:
+        return [TACAPatchModel]
+
+
+async def comfy_entrypoint() -> TacaExtension:
+    return TacaExtension()

@@ -1,0 +1,181 @@
+"""Installs TACA on a ComfyUI ModelPatcher clone.
+
+Two hooks, both held in the clone's ``model_options`` (so every clone has its
+own settings and the input model is never touched):
+
+* an APPLY_MODEL wrapper, run once per model call: it reads the current sigma
+  (the one host-device synchronisation this pack adds per call), and only when
+  TACA is active it counts the call's text and visual tokens from the actual
+  inputs and hands the diffusion model a copy of ``transformer_options`` whose
+  ``optimized_attention_override`` is a ``TacaAttentionOverride``;
+* that override, which ComfyUI's ``wrap_attn`` calls for every attention call
+  that receives ``transformer_options``.  Joint text+image calls get TACA; all
+  other calls go through untouched.  Whatever override was already set (a
+  Sage/Flash patch from another pack, say) is wrapped, not replaced, whichever
+  node came first, because it is read at call time.
+
+When TACA is inactive (sigma below the threshold, or gamma == 1) the wrapper
+passes the original arguments straight through: same kernels, same bits.
+
+ComfyUI is only touched through the objects it passes in; importing this
+module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import attention as taca_attention
+from .attention import TextSpan
+from .families import ModelFamily
+
+log = logging.getLogger("comfyui-taca")
+
+WRAPPER_KEY = "comfyui-taca"
+# transformer_options[OPTIONS_KEY] holds the settings, for nodes that follow TACA (the LoRA loader).
+OPTIONS_KEY = "taca"
+OVERRIDE_KEY = "optimized_attention_override"
+
+# ComfyUI's attention functions: (q, k, v, heads, mask=None, attn_precision=None,
+# skip_reshape=False, skip_output_reshape=False, **kwargs)
+_ATTENTION_PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
+class TacaSettings(NamedTuple):
+    gamma: float
+    threshold_sigma: float
+    mode: str
+
+    def active_at(self, sigma: float) -> bool:
+        """Paper eq. 11: gamma_0 while t >= t_thresh (sigma >= threshold), else 1."""
+        return self.gamma != 1.0 and sigma >= self.threshold_sigma
+
+
+class _FlexKernel:
+    """flex_attention, compiled on first use when torch.compile works here, else eager.
+
+    A process-wide compilation cache (compiling is expensive); it holds no patch settings.
+    """
+
+    compiled: Optional[Callable] = None
+    compile_failed = False
+
+    @classmethod
+    def run(cls, q, k, v, mask, span: TextSpan, gamma: float) -> torch.Tensor:
+        taca_attention.require_flex()
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if not cls.compile_failed:
+            try:
+                if cls.compiled is None:
+                    cls.compiled = torch.compile(flex_attention, dynamic=False)
+                return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=cls.compiled)
+            except Exception as err:  # a compiler that does not work here is not the user's problem
+                cls.compile_failed = True
+                log.warning("TACA flex: torch.compile of flex_attention failed (%s: %s); using eager "
+                            "flex_attention, which is exact but slow.", type(err).__name__, err)
+        return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=flex_attention)
+
+
+class TacaAttentionOverride:
+    """``transformer_options["optimized_attention_override"]`` for one TACA-active model call."""
+
+    def __init__(self, settings: TacaSettings, span: TextSpan, previous: Optional[Callable]):
+        self.settings = settings
+        self.span = span
+        self.previous = previous
+        self.joint_calls = 0
+        self.other_calls = 0
+
+    def _inner(self, func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
+        if len(args) > len(_ATTENTION_PARAMS):
+            self.other_calls += 1
+            return self._inner(func, args, kwargs)
+        params = dict(zip(_ATTENTION_PARAMS, args))
+        params.update(kwargs)
+        q, k, v = params.pop("q"), params.pop("k"), params.pop("v")
+        heads = params.pop("heads")
+        mask = params.pop("mask", None)
+        seq_dim = 2 if params.get("skip_reshape", False) else 1
+        out_seq_dim = 2 if params.get("skip_output_reshape", False) else 1
+        span = self.span
+        if q.ndim != (4 if seq_dim == 2 else 3) or q.shape[seq_dim] != span.length or k.shape[seq_dim] != span.length:
+            self.other_calls += 1  # not the joint text+image attention of this model call
+            return self._inner(func, args, kwargs)
+        self.joint_calls += 1
+
+        def attend(q_, k_, v_, mask_):
+            return self._inner(func, (q_, k_, v_, heads), dict(params, mask=mask_))
+
+        gamma = self.settings.gamma
+        mode = self.settings.mode
+        if mode == "exact":
+            return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim)
+        if mode == "selective":
+            return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim)
+        return self._flex(q, k, v, heads, mask, seq_dim, out_seq_dim, params)
+
+    def _flex(self, q, k, v, heads, mask, seq_dim, out_seq_dim, params) -> torch.Tensor:
+        if seq_dim == 1:  # (B, N, H*D) -> (B, H, N, D); SD3 passes v as (B, N, H, D)
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        out = _FlexKernel.run(q, k, v, mask, self.span, self.settings.gamma)
+        if out_seq_dim == 1:
+            b, h, n, d = out.shape
+            out = out.transpose(1, 2).reshape(b, n, h * d)
+        return out
+
+
+class TacaApplyModelWrapper:
+    """APPLY_MODEL wrapper: decides once per model call whether TACA acts."""
+
+    def __init__(self, settings: TacaSettings, family: ModelFamily):
+        self.settings = settings
+        self.family = family
+        self._warned_no_joint = False
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        if transformer_options is None:
+            transformer_options = {}
+        # The one host-device synchronisation per model call; t is the batch's sigma.
+        sigma = float(t.max())
+        if not self.settings.active_at(sigma):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+        diffusion_model = executor.class_obj.diffusion_model
+        text_tokens = self.family.count_text(diffusion_model, c_crossattn, kwargs)
+        visual_tokens = self.family.count_visual(diffusion_model, x, kwargs)
+        span = self.family.span(text_tokens, visual_tokens)
+        override = TacaAttentionOverride(self.settings, span, transformer_options.get(OVERRIDE_KEY))
+        options = dict(transformer_options)
+        options[OVERRIDE_KEY] = override
+        out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        log.debug("TACA acted at sigma %.5f: %d joint attention calls, %d others untouched (text %d, visual %d)",
+                  sigma, override.joint_calls, override.other_calls, text_tokens, visual_tokens)
+        if override.joint_calls == 0 and not self._warned_no_joint:
+            self._warned_no_joint = True
+            log.warning("TACA was active at sigma %.4f but no attention call had the joint length %d "
+                        "(%d text + %d visual tokens, %s); TACA changed nothing in this call.",
+                        sigma, span.length, text_tokens, visual_tokens, self.family.name)
+        return out
+
+
+def install(model_patcher: Any, settings: TacaSettings, family: ModelFamily) -> None:
+    """Put TACA on ``model_patcher`` (a clone the caller owns), replacing an earlier TACA patch."""
+    from comfy.patcher_extension import WrappersMP
+
+    model_patcher.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    options = model_patcher.model_options.setdefault("transformer_options", {})
+    options[OPTIONS_KEY] = {"gamma": settings.gamma, "threshold_sigma": settings.threshold_sigma,
+                            "mode": settings.mode, "family": family.name}
+    if settings.gamma != 1.0:
+        model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, TacaApplyModelWrapper(settings, family))

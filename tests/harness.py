@@ -1,0 +1,124 @@
+"""Test-side helpers: run ComfyUI's real samplers, and attention overrides used as references or spies.
+
+The overrides here stand in for "another pack": they are installed the way such
+packs install theirs (``transformer_options["optimized_attention_override"]`` on
+a clone), and ComfyUI's own ``wrap_attn`` calls them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+
+from reference import taca_reference
+
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+def with_override(patcher, override: Callable):
+    """A clone of ``patcher`` with an attention override set, as a Sage/Flash patch node would.
+
+    Later clones may deep-copy the override (ComfyUI 0.3.75 deep-copies model_options):
+    read counters from ``installed_override(model)`` of the model that ran.
+    """
+    clone = patcher.clone()
+    clone.model_options.setdefault("transformer_options", {})[OVERRIDE_KEY] = override
+    return clone
+
+
+def installed_override(patcher):
+    return patcher.model_options["transformer_options"][OVERRIDE_KEY]
+
+
+def _to_bhnd(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    if skip_reshape:
+        return t
+    # (B, N, H*D), or (B, N, H, D) as SD3 passes v
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _mask_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    return mask
+
+
+class ReferenceTacaAttention:
+    """Computes joint calls with the float64 eq.-10 reference; other calls go to ComfyUI's kernel.
+
+    ``joint_length`` and the text span are the test's own knowledge of the model
+    it built (text tokens fed + registers, image tokens from the latent size).
+    ``post`` is applied to the output of every call (to model a composed override).
+    """
+
+    def __init__(self, joint_length: int, text_start: int, text_stop: int, gamma: float,
+                 post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.joint_length = joint_length
+        self.text = (text_start, text_stop)
+        self.gamma = gamma
+        self.post = post or (lambda out: out)
+        self.joint_calls = 0
+        self.other_calls = 0
+
+    def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                 skip_output_reshape=False, **kwargs):
+        seq_dim = 2 if skip_reshape else 1
+        if q.shape[seq_dim] != self.joint_length:
+            self.other_calls += 1
+            return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision,
+                                  skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs))
+        self.joint_calls += 1
+        q4, k4, v4 = (_to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
+        out = taca_reference(q4, k4, v4, self.text[0], self.text[1], self.gamma, _mask_4d(mask)).to(q.dtype)
+        if not skip_output_reshape:
+            b, h, n, d = out.shape
+            out = out.transpose(1, 2).reshape(b, n, h * d)
+        return self.post(out)
+
+
+class AttentionSpy:
+    """Records every attention call (sigma, q length, k length) and optionally transforms the output."""
+
+    def __init__(self, post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.calls: List[tuple] = []
+        self.post = post or (lambda out: out)
+
+    def __call__(self, func, *args, **kwargs):
+        q, k = args[0], args[1]
+        skip_reshape = kwargs.get("skip_reshape", False)
+        seq_dim = 2 if skip_reshape else 1
+        sigmas = kwargs["transformer_options"].get("sigmas")
+        sigma = float(sigmas.max()) if sigmas is not None else None
+        self.calls.append((sigma, q.shape[seq_dim], k.shape[seq_dim]))
+        return self.post(func(*args, **kwargs))
+
+
+def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0):
+    """One Euler step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
+    sigmas = torch.tensor([sigma, 0.0])
+    return sample_sigmas(patcher, positive, negative, latent, sigmas, cfg, seed)
+
+
+def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0):
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    sampler = comfy.samplers.sampler_object("euler")
+    return comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                      disable_pbar=True, seed=seed)
+
+
+def schedule(patcher, steps: int = 30, scheduler: str = "simple") -> torch.Tensor:
+    model_sampling = patcher.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
