@@ -70,11 +70,13 @@ PYEOF
     rm -rf "$RT/download"
 fi
 
-# 4. ComfyUI's requirements, minus the torch family (pinned above; torchaudio only serves audio nodes)
+# 4. ComfyUI's requirements, minus the torch family (pinned above; torchaudio only serves audio nodes).
+#    `requests` is imported by ComfyUI 0.3.75's server (app/frontend_management.py) but not declared.
 REQ_STAMP="$RT/.requirements-done"
 if [ ! -f "$REQ_STAMP" ] || ! cmp -s "$COMFY/requirements.txt" "$REQ_STAMP"; then
     log "installing ComfyUI requirements"
     grep -v -E '^\s*(torch|torchvision|torchaudio)\s*($|[<>=!~;])' "$COMFY/requirements.txt" > "$RT/requirements-filtered.txt"
+    echo "requests" >> "$RT/requirements-filtered.txt"
     "${PIP[@]}" install -r "$RT/requirements-filtered.txt" $TORCH_PINS
     cp "$COMFY/requirements.txt" "$REQ_STAMP"
 fi

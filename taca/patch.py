@@ -147,7 +147,7 @@ class TacaApplyModelWrapper:
         if transformer_options is None:
             transformer_options = {}
         # The one host-device synchronisation per model call; t is the batch's sigma.
-        sigma = float(t.max())
+        sigma = float(t.max()) if torch.is_tensor(t) else float(t)
         if not self.settings.active_at(sigma):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 

@@ -133,3 +133,25 @@ def image_tokens(tiny: TinyModel, height: int, width: int) -> int:
 
 def unload_all() -> None:
     comfy.model_management.unload_all_models()
+
+
+# Models TACA refuses, built for the error-path tests (never sampled).
+UNSUPPORTED = {
+    "sd15": (comfy.supported_models.SD15, {
+        "context_dim": 32, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
+        "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+        "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+        "use_checkpoint": False, "num_classes": None}),
+    # AuraFlow is joint attention but not supported yet (issue: every joint-attention model).
+    "auraflow": (comfy.supported_models.AuraFlow, {
+        "cond_seq_dim": 32, "max_seq": 64, "dim": 64, "n_layers": 2, "n_double_layers": 1, "n_heads": 2,
+        "patch_size": 2, "in_channels": 4, "out_channels": 4}),
+}
+
+
+def build_unsupported(kind: str):
+    config_class, unet_config = UNSUPPORTED[kind]
+    device = torch.device("cpu")
+    base = config_class(dict(unet_config)).get_model({}, device=device)
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
