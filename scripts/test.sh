@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_runtime.sh
-exec .runtime/venv/bin/python -m pytest "$@"
+exec .runtime/venv/bin/python -m pytest tests "$@"
