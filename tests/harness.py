@@ -57,10 +57,12 @@ class ReferenceTacaAttention:
     ``joint_length`` and the text span are the test's own knowledge of the model
     it built (text tokens fed + registers, image tokens from the latent size).
     ``post`` is applied to the output of every call (to model a composed override).
+    ``listing2=True`` scales the text keys for every query (the paper's listing 2, 'selective').
     """
 
     def __init__(self, joint_length: int, text_start: int, text_stop: int, gamma: float,
-                 post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, listing2: bool = False):
+        self.listing2 = listing2
         self.joint_length = joint_length
         self.text = (text_start, text_stop)
         self.gamma = gamma
@@ -77,7 +79,8 @@ class ReferenceTacaAttention:
                                   skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs))
         self.joint_calls += 1
         q4, k4, v4 = (_to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
-        out = taca_reference(q4, k4, v4, self.text[0], self.text[1], self.gamma, _mask_4d(mask)).to(q.dtype)
+        out = taca_reference(q4, k4, v4, self.text[0], self.text[1], self.gamma, _mask_4d(mask),
+                             visual_rows_only_text_scaling=not self.listing2).to(q.dtype)
         if not skip_output_reshape:
             b, h, n, d = out.shape
             out = out.transpose(1, 2).reshape(b, n, h * d)

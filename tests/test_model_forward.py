@@ -38,9 +38,7 @@ def expected_text_tokens(tiny, fed):
 def check_against_reference(pack_nodes, tiny, positive, negative, latent, text, visual, mode="exact",
                             listing2_text_rows=False):
     joint = text + visual
-    reference = ReferenceTacaAttention(joint, 0, text, GAMMA)
-    if listing2_text_rows:
-        reference = ReferenceTacaListing2(joint, 0, text, GAMMA)
+    reference = ReferenceTacaAttention(joint, 0, text, GAMMA, listing2=listing2_text_rows)
     patched = taca(pack_nodes, tiny.patcher, mode=mode)
     out = one_step(patched, positive, negative, latent, cfg=3.0)
     ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=3.0)
@@ -50,28 +48,6 @@ def check_against_reference(pack_nodes, tiny, positive, negative, latent, text, 
     # The test can fail: TACA moves the output far beyond the tolerance.
     assert rel_diff(plain, ref) > 100 * TOLERANCE
     return reference
-
-
-class ReferenceTacaListing2(ReferenceTacaAttention):
-    """Listing 2 semantics (text keys scaled for every query): the reference for 'selective'."""
-
-    def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
-                 skip_output_reshape=False, **kwargs):
-        seq_dim = 2 if skip_reshape else 1
-        if q.shape[seq_dim] == self.joint_length:
-            from reference import taca_reference
-            from harness import _to_bhnd, _mask_4d
-
-            self.joint_calls += 1
-            q4, k4, v4 = (_to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
-            out = taca_reference(q4, k4, v4, self.text[0], self.text[1], self.gamma, _mask_4d(mask),
-                                 visual_rows_only_text_scaling=False).to(q.dtype)
-            if not skip_output_reshape:
-                b, h, n, d = out.shape
-                out = out.transpose(1, 2).reshape(b, n, h * d)
-            return out
-        return super().__call__(func, q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape,
-                                **kwargs)
 
 
 FAMILIES = ["flux", "flux_schnell", "flux2", "chroma", "sd3", "sd35_medium"]
