@@ -6,12 +6,13 @@ from typing import List, Type
 
 from comfy_api.latest import ComfyExtension, io
 
+from .taca_lora_loader import TACALoraLoader
 from .taca_patch_model import TACAPatchModel
 
 
 class TacaExtension(ComfyExtension):
     async def get_node_list(self) -> List[Type[io.ComfyNode]]:
-        return [TACAPatchModel]
+        return [TACAPatchModel, TACALoraLoader]
 
 
 async def comfy_entrypoint() -> TacaExtension:

@@ -38,6 +38,8 @@ WRAPPER_KEY = "comfyui-taca"
 # transformer_options[OPTIONS_KEY] holds the settings, for nodes that follow TACA (the LoRA loader).
 OPTIONS_KEY = "taca"
 OVERRIDE_KEY = "optimized_attention_override"
+# The sigma read once per model call, shared with the TACA LoRA gate so the call syncs only once.
+SIGMA_CACHE_KEY = "taca_sigma"
 
 # ComfyUI's attention functions: (q, k, v, heads, mask=None, attn_precision=None,
 # skip_reshape=False, skip_output_reshape=False, **kwargs)
@@ -52,6 +54,27 @@ class TacaSettings(NamedTuple):
     def active_at(self, sigma: float) -> bool:
         """Paper eq. 11: gamma_0 while t >= t_thresh (sigma >= threshold), else 1."""
         return self.gamma != 1.0 and sigma >= self.threshold_sigma
+
+
+def current_sigma(t: Any, options: Dict[str, Any]) -> float:
+    """The model call's sigma as a float: one host-device synchronisation per call, cached in ``options``.
+
+    ``options`` is the per-call copy of transformer_options the caller passes on.
+    """
+    cached = options.get(SIGMA_CACHE_KEY)
+    if cached is not None and cached[0] is t:
+        return cached[1]
+    sigma = float(t.max()) if torch.is_tensor(t) else float(t)
+    options[SIGMA_CACHE_KEY] = (t, sigma)
+    return sigma
+
+
+def settings_from_options(options: Dict[str, Any]) -> Optional[TacaSettings]:
+    """The TACA settings a TACA Patch Model left on this model, or None."""
+    stored = options.get(OPTIONS_KEY)
+    if not isinstance(stored, dict):
+        return None
+    return TacaSettings(float(stored["gamma"]), float(stored["threshold_sigma"]), str(stored["mode"]))
 
 
 class _FlexKernel:
@@ -144,19 +167,16 @@ class TacaApplyModelWrapper:
         self._warned_no_joint = False
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        if transformer_options is None:
-            transformer_options = {}
-        # The one host-device synchronisation per model call; t is the batch's sigma.
-        sigma = float(t.max()) if torch.is_tensor(t) else float(t)
+        options = dict(transformer_options or {})
+        sigma = current_sigma(t, options)  # t is the batch's sigma
         if not self.settings.active_at(sigma):
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
         diffusion_model = executor.class_obj.diffusion_model
         text_tokens = self.family.count_text(diffusion_model, c_crossattn, kwargs)
         visual_tokens = self.family.count_visual(diffusion_model, x, kwargs)
         span = self.family.span(text_tokens, visual_tokens)
-        override = TacaAttentionOverride(self.settings, span, transformer_options.get(OVERRIDE_KEY))
-        options = dict(transformer_options)
+        override = TacaAttentionOverride(self.settings, span, options.get(OVERRIDE_KEY))
         options[OVERRIDE_KEY] = override
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         log.debug("TACA acted at sigma %.5f: %d joint attention calls, %d others untouched (text %d, visual %d)",
