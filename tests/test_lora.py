@@ -13,7 +13,7 @@ import comfy.sd
 import folder_paths
 
 import lora_files
-import tiny_models as tm
+from devtools import tiny_models as tm
 from harness import one_step, rel_diff, schedule
 
 TOL = 1e-5  # fp32: low-rank beside the layer vs merged into the weight

@@ -8,7 +8,7 @@ attention dispatch (``wrap_attn``).
 import pytest
 import torch
 
-import tiny_models as tm
+from devtools import tiny_models as tm
 from harness import AttentionSpy, ReferenceTacaAttention, one_step, rel_diff, with_override
 
 GAMMA = 1.2

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-import tiny_models as tm
+from devtools import tiny_models as tm
 from conftest import COMFYUI, REPO
 from harness import one_step
 

@@ -10,7 +10,7 @@ import torch
 
 import comfy.sample
 
-import tiny_models as tm
+from devtools import tiny_models as tm
 from harness import (AttentionSpy, ReferenceTacaAttention, installed_override, one_step, rel_diff, sample_sigmas,
                      schedule, with_override)
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import safetensors.torch
 
-import tiny_models as tm
+from devtools import tiny_models as tm
 from comfy_server import ComfyServer
 
 

@@ -1,0 +1,1 @@
+"""Development tools shared by the tests, the benchmark and the demo (never imported by ComfyUI)."""
