@@ -73,6 +73,14 @@ KINDS = {
 }
 
 
+# Larger variants for the benchmark: FLUX-like head dim 128, attention about a third of the work.
+BENCH_CONFIGS = {
+    "flux": {"hidden_size": 512, "num_heads": 4, "axes_dim": [16, 56, 56], "depth": 1, "depth_single_blocks": 2,
+             "mlp_ratio": 4.0},
+}
+BENCH_LATENT = {"flux": (32, 32)}  # 256 image tokens next to 256 text tokens
+
+
 def _randomize(module: torch.nn.Module, seed: int) -> None:
     """Seeded weights with unit-scale activations (ComfyUI creates parameters uninitialised)."""
     g = torch.Generator().manual_seed(seed)
@@ -91,9 +99,11 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.5 * torch.randn(b.shape, generator=g))
 
 
-def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
+def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: str = "tiny") -> TinyModel:
     unet_config, latent_channels, text_tokens, extra = KINDS[kind]
     unet_config = dict(unet_config)
+    if size == "bench":
+        unet_config.update(BENCH_CONFIGS[kind])
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
     assert model_config is not None, f"ComfyUI found no model config for {kind}"
     model_config.set_inference_dtype(dtype, None)

@@ -11,9 +11,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-import comfy.sample
-import comfy.samplers
-
+from devtools.sampling import one_step, sample_sigmas, schedule  # noqa: F401  (re-exported for the tests)
 from reference import taca_reference
 
 OVERRIDE_KEY = "optimized_attention_override"
@@ -102,24 +100,6 @@ class AttentionSpy:
         sigma = float(sigmas.max()) if sigmas is not None else None
         self.calls.append((sigma, q.shape[seq_dim], k.shape[seq_dim]))
         return self.post(func(*args, **kwargs))
-
-
-def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0):
-    """One Euler step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
-    sigmas = torch.tensor([sigma, 0.0])
-    return sample_sigmas(patcher, positive, negative, latent, sigmas, cfg, seed)
-
-
-def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0):
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    sampler = comfy.samplers.sampler_object("euler")
-    return comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                      disable_pbar=True, seed=seed)
-
-
-def schedule(patcher, steps: int = 30, scheduler: str = "simple") -> torch.Tensor:
-    model_sampling = patcher.get_model_object("model_sampling")
-    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

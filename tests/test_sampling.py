@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-import comfy.sample
-
 from devtools import tiny_models as tm
+from devtools.sampling import ksample
 from harness import (AttentionSpy, ReferenceTacaAttention, installed_override, one_step, rel_diff, sample_sigmas,
                      schedule, with_override)
 
@@ -26,14 +25,6 @@ PUBLISHED_FIRST_SIGMAS = {
 def taca(pack_nodes, model, gamma=GAMMA, threshold=0.97, mode="exact"):
     return pack_nodes["TACAPatchModel"].execute(model=model, gamma=gamma, threshold_sigma=threshold,
                                                 mode=mode).result[0]
-
-
-def ksample(patcher, tiny, steps=30, cfg=3.0, seed=3, start_step=None, batch=1, height=16, width=16):
-    latent = tm.latent(tiny, height, width, batch=batch)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "simple", tm.conditioning(tiny, 1, batch=batch),
-                               tm.conditioning(tiny, 2, batch=batch), latent, start_step=start_step,
-                               disable_pbar=True, seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])

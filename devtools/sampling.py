@@ -1,0 +1,37 @@
+"""Run ComfyUI's real samplers on a model patcher (tests, benchmark, demo)."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+
+from . import tiny_models as tm
+
+
+def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0):
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    sampler = comfy.samplers.sampler_object("euler")
+    return comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                      disable_pbar=True, seed=seed)
+
+
+def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0):
+    """One Euler step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
+    return sample_sigmas(patcher, positive, negative, latent, torch.tensor([sigma, 0.0]), cfg, seed)
+
+
+def ksample(patcher, tiny, steps=30, cfg=3.0, seed=3, start_step=None, batch=1, height=16, width=16,
+            scheduler="simple"):
+    """comfy.sample.sample (what KSampler runs) with euler on the tiny model's random conditioning."""
+    latent = tm.latent(tiny, height, width, batch=batch)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", scheduler, tm.conditioning(tiny, 1, batch=batch),
+                               tm.conditioning(tiny, 2, batch=batch), latent, start_step=start_step,
+                               disable_pbar=True, seed=seed)
+
+
+def schedule(patcher, steps: int = 30, scheduler: str = "simple") -> torch.Tensor:
+    model_sampling = patcher.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
