@@ -211,8 +211,7 @@ def bench_lora_file(tiny) -> str:
     import folder_paths
     import safetensors.torch
 
-    sys.path.insert(0, os.path.join(comfy_runtime.REPO, "tests"))
-    import lora_files
+    from devtools import lora_files
 
     folder = tempfile.mkdtemp(prefix="taca_bench_loras_")
     folder_paths.add_model_folder_path("loras", folder)

@@ -49,6 +49,7 @@ class TACAPatchModel(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model with TACA; the input model is left unchanged.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -58,5 +59,6 @@ class TACAPatchModel(io.ComfyNode):
         if mode == "flex":
             taca_attention.require_flex()
         patched = model.clone()
-        patch.install(patched, patch.TacaSettings(float(gamma), float(threshold_sigma), mode), family)
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        patch.install(patched, patch.TacaSettings(float(gamma), float(threshold_sigma), mode), family, node_id)
         return io.NodeOutput(patched)

@@ -31,6 +31,7 @@ import torch
 from . import attention as taca_attention
 from .attention import TextSpan
 from .families import ModelFamily
+from .report import ReportSampleWrapper, RunReport
 
 log = logging.getLogger("comfyui-taca")
 
@@ -161,15 +162,17 @@ class TacaAttentionOverride:
 class TacaApplyModelWrapper:
     """APPLY_MODEL wrapper: decides once per model call whether TACA acts."""
 
-    def __init__(self, settings: TacaSettings, family: ModelFamily):
+    def __init__(self, settings: TacaSettings, family: ModelFamily, report: Optional[RunReport] = None):
         self.settings = settings
         self.family = family
-        self._warned_no_joint = False
+        self.report = report
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         options = dict(transformer_options or {})
         sigma = current_sigma(t, options)  # t is the batch's sigma
         if not self.settings.active_at(sigma):
+            if self.report is not None:
+                self.report.record(sigma, acted=False)
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
         diffusion_model = executor.class_obj.diffusion_model
@@ -181,21 +184,29 @@ class TacaApplyModelWrapper:
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         log.debug("TACA acted at sigma %.5f: %d joint attention calls, %d others untouched (text %d, visual %d)",
                   sigma, override.joint_calls, override.other_calls, text_tokens, visual_tokens)
-        if override.joint_calls == 0 and not self._warned_no_joint:
-            self._warned_no_joint = True
-            log.warning("TACA was active at sigma %.4f but no attention call had the joint length %d "
-                        "(%d text + %d visual tokens, %s); TACA changed nothing in this call.",
-                        sigma, span.length, text_tokens, visual_tokens, self.family.name)
+        if override.joint_calls == 0:
+            log.debug("TACA active at sigma %.4f but no attention call had the joint length %d (%d text + %d visual, %s)",
+                      sigma, span.length, text_tokens, visual_tokens, self.family.name)
+        if self.report is not None:
+            self.report.record(sigma, True, override.joint_calls, override.other_calls)
         return out
 
 
-def install(model_patcher: Any, settings: TacaSettings, family: ModelFamily) -> None:
-    """Put TACA on ``model_patcher`` (a clone the caller owns), replacing an earlier TACA patch."""
+def install(model_patcher: Any, settings: TacaSettings, family: ModelFamily, node_id: Optional[str] = None) -> RunReport:
+    """Put TACA on ``model_patcher`` (a clone the caller owns), replacing an earlier TACA patch.
+
+    Returns the run report that the sampling runs of this model fill in and publish.
+    """
     from comfy.patcher_extension import WrappersMP
 
     model_patcher.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    model_patcher.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    report = RunReport(node_id, settings.gamma, settings.threshold_sigma, settings.mode)
     options = model_patcher.model_options.setdefault("transformer_options", {})
     options[OPTIONS_KEY] = {"gamma": settings.gamma, "threshold_sigma": settings.threshold_sigma,
                             "mode": settings.mode, "family": family.name}
+    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, ReportSampleWrapper(report))
     if settings.gamma != 1.0:
-        model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, TacaApplyModelWrapper(settings, family))
+        model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                           TacaApplyModelWrapper(settings, family, report))
+    return report

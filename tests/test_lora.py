@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import comfy.sd
 import folder_paths
 
-import lora_files
+from devtools import lora_files
 from devtools import tiny_models as tm
 from harness import one_step, rel_diff, schedule
 

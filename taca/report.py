@@ -1,0 +1,132 @@
+"""What TACA did in a sampling run: on which steps it acted and in how many attention calls.
+
+One ``RunReport`` per TACA Patch Model node.  The APPLY_MODEL wrapper records
+every model call; an OUTER_SAMPLE wrapper resets the report when a run starts
+and, when it ends, logs a summary and sends it to the frontend as the
+websocket event ``comfyui-taca.report`` (see ``as_message`` for the fields).
+Importing this module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+log = logging.getLogger("comfyui-taca")
+
+EVENT = "comfyui-taca.report"
+
+
+class RunReport:
+    def __init__(self, node_id: Optional[str], gamma: float, threshold_sigma: float, mode: str):
+        self.node_id = node_id
+        self.gamma = gamma
+        self.threshold_sigma = threshold_sigma
+        self.mode = mode
+        self.reset(())
+
+    def __deepcopy__(self, memo):  # shared by the node's wrappers across ComfyUI's model_options copies
+        return self
+
+    def reset(self, sample_sigmas: Sequence[float]) -> None:
+        self.sample_sigmas: List[float] = [float(s) for s in sample_sigmas]
+        self.model_calls = 0
+        self.acted_calls = 0
+        self.attention_calls = 0
+        self.untouched_attention_calls = 0
+        self.acted_steps: List[int] = []
+        self.acted_sigmas: List[float] = []
+        self.no_joint_calls = 0  # TACA-step model calls in which no attention call had the joint layout
+
+    def step_of(self, sigma: float) -> Optional[int]:
+        for i, s in enumerate(self.sample_sigmas[:-1]):
+            if abs(s - sigma) <= 1e-6 * max(1.0, abs(s)):
+                return i
+        return None
+
+    def record(self, sigma: float, acted: bool, joint_calls: int = 0, other_calls: int = 0) -> None:
+        self.model_calls += 1
+        if not acted:
+            return
+        self.acted_calls += 1
+        self.attention_calls += joint_calls
+        self.untouched_attention_calls += other_calls
+        if joint_calls == 0:
+            self.no_joint_calls += 1
+            return
+        step = self.step_of(sigma)
+        if step is not None and step not in self.acted_steps:
+            self.acted_steps.append(step)
+        if sigma not in self.acted_sigmas:
+            self.acted_sigmas.append(sigma)
+
+    def warning(self) -> Optional[str]:
+        if self.gamma == 1.0:
+            return "TACA never acted: gamma is 1.0, which turns TACA off."
+        if self.attention_calls > 0 or self.model_calls == 0:
+            return None
+        if self.acted_calls == 0:
+            first = self.sample_sigmas[0] if self.sample_sigmas else None
+            start = f"the run started at sigma {first:.3f}, " if first is not None else ""
+            return (f"TACA never acted: {start}below threshold_sigma {self.threshold_sigma:g} (img2img or denoise < 1 "
+                    "starts below it). Lower threshold_sigma if you want TACA in this run.")
+        return ("TACA never acted: no attention call of this model had the joint text+image layout TACA expects, "
+                "so nothing was changed.")
+
+    def as_message(self) -> Dict[str, Any]:
+        steps = max(len(self.sample_sigmas) - 1, 0)
+        return {
+            "node_id": self.node_id,
+            "gamma": self.gamma,
+            "threshold_sigma": self.threshold_sigma,
+            "mode": self.mode,
+            "steps_total": steps,
+            "sample_sigmas": self.sample_sigmas,
+            "acted_steps": sorted(self.acted_steps),
+            "acted_sigmas": self.acted_sigmas,
+            "model_calls": self.model_calls,
+            "model_calls_acted": self.acted_calls,
+            "attention_calls": self.attention_calls,
+            "untouched_attention_calls": self.untouched_attention_calls,
+            "warning": self.warning(),
+        }
+
+    def summary(self) -> str:
+        m = self.as_message()
+        if m["warning"]:
+            return m["warning"]
+        steps = ", ".join(str(s) for s in m["acted_steps"]) or "none"
+        return (f"TACA acted on steps {steps} of {m['steps_total']} (sigma >= {self.threshold_sigma:g}, gamma "
+                f"{self.gamma:g}, {self.mode}): {m['attention_calls']} joint attention calls in "
+                f"{m['model_calls_acted']} of {m['model_calls']} model calls.")
+
+    def publish(self) -> None:
+        message = self.as_message()
+        if message["warning"]:
+            log.warning("[node %s] %s", self.node_id, message["warning"])
+        else:
+            log.info("[node %s] %s", self.node_id, self.summary())
+        try:
+            from server import PromptServer
+
+            server = getattr(PromptServer, "instance", None)
+            if server is not None:
+                server.send_sync(EVENT, message)
+        except Exception:  # no server (scripts, tests): the log line is the report
+            pass
+
+
+class ReportSampleWrapper:
+    """OUTER_SAMPLE wrapper: one report per sampling run."""
+
+    def __init__(self, report: RunReport):
+        self.report = report
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.report.reset(sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas))
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        self.report.publish()
+        return out

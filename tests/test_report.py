@@ -1,0 +1,50 @@
+"""The per-run report of what TACA did (log line and websocket message), checked against independent counts."""
+
+import logging
+
+import pytest
+
+from devtools import tiny_models as tm
+from devtools.sampling import ksample, schedule
+
+
+def taca(pack_nodes, model, **kw):
+    args = dict(gamma=1.2, threshold_sigma=0.97, mode="exact")
+    args.update(kw)
+    return pack_nodes["TACAPatchModel"].execute(model=model, **args).result[0]
+
+
+def last_report(caplog):
+    records = [r for r in caplog.records if r.name == "comfyui-taca" and ("TACA acted" in r.getMessage()
+                                                                         or "never acted" in r.getMessage())]
+    return records[-1].getMessage() if records else None
+
+
+@pytest.mark.parametrize("kind,joint_layers", [("flux", 4), ("sd35_medium", 2)])
+def test_report_names_the_taca_steps_and_counts_joint_attention_calls(pack_nodes, caplog, kind, joint_layers):
+    tiny = tm.build(kind)
+    model = taca(pack_nodes, tiny.patcher)
+    with caplog.at_level(logging.INFO, logger="comfyui-taca"):
+        ksample(model, tiny, steps=30, cfg=3.0)
+    expected_steps = [i for i, s in enumerate(schedule(tiny.patcher, 30)[:-1].tolist()) if s >= 0.97]
+    message = last_report(caplog)
+    # cond+uncond are batched: one model call per step; every joint layer is one attention call.
+    assert message.startswith(f"[node None] TACA acted on steps {', '.join(map(str, expected_steps))} of 30")
+    assert f": {joint_layers * len(expected_steps)} joint attention calls in {len(expected_steps)} of 30 model calls" \
+        in message
+
+
+def test_report_warns_when_the_run_starts_below_the_threshold(pack_nodes, caplog):
+    tiny = tm.build("flux")
+    with caplog.at_level(logging.INFO, logger="comfyui-taca"):
+        ksample(taca(pack_nodes, tiny.patcher), tiny, steps=30, start_step=5)
+    message = last_report(caplog)
+    assert "never acted" in message and "below threshold_sigma 0.97" in message
+    assert "started at sigma 0.9" in message
+
+
+def test_report_warns_when_gamma_is_one(pack_nodes, caplog):
+    tiny = tm.build("sd3")
+    with caplog.at_level(logging.INFO, logger="comfyui-taca"):
+        ksample(taca(pack_nodes, tiny.patcher, gamma=1.0), tiny, steps=4)
+    assert "gamma is 1.0" in last_report(caplog)
