@@ -1,9 +1,10 @@
-"""Start and stop a real ComfyUI server (main.py --cpu) on loopback, with this pack installed."""
+"""Start and stop a real ComfyUI server (main.py) on loopback, with this pack installed (tests, demo)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict, Optional, Tuple
 
-from conftest import COMFYUI
+from .comfy_runtime import COMFYUI
 
 
 def free_port() -> int:
@@ -21,9 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether a server could not bind ``port`` on loopback (SO_REUSEADDR, as aiohttp binds)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class ComfyServer:
-    def __init__(self, workdir: str, extra_args: Tuple[str, ...] = ()):
-        self.port = free_port()
+    def __init__(self, workdir: str, extra_args: Tuple[str, ...] = (), port: Optional[int] = None, cpu: bool = True):
+        self.port = port or free_port()
+        self.cpu = cpu
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
         self.log_path = os.path.join(workdir, "server.log")
@@ -33,13 +46,16 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         for sub in ("output", "temp", "input", "user"):
             os.makedirs(os.path.join(self.workdir, sub), exist_ok=True)
-        args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        args = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+                "--port", str(self.port),
                 "--output-directory", os.path.join(self.workdir, "output"),
                 "--temp-directory", os.path.join(self.workdir, "temp"),
                 "--input-directory", os.path.join(self.workdir, "input"),
                 "--user-directory", os.path.join(self.workdir, "user"), *self.extra_args]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=COMFYUI, stdout=self._log, stderr=subprocess.STDOUT)
+        # Own process group, so stop() also ends anything the server started.
+        self.proc = subprocess.Popen(args, cwd=COMFYUI, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -54,11 +70,14 @@ class ComfyServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if getattr(self, "_log", None):
             self._log.close()

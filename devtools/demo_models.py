@@ -23,7 +23,7 @@ import torch
 
 CHECKPOINT = "taca_tiny_sd35m.safetensors"
 LORA = "taca_tiny_sd35m_lora.safetensors"
-VERSION = 1  # bump when the recipe changes
+VERSION = 3  # bump when the recipe changes
 SEED = 20250609
 
 MMDIT_CONFIG = {
@@ -74,6 +74,13 @@ def _vae_state(generator) -> Dict[str, torch.Tensor]:
     with torch.no_grad():
         vae.vae_scale.fill_(1.5305)  # SD3's latent scale and shift, as ComfyUI's taesd3 uses
         vae.vae_shift.fill_(0.0609)
+        # Random weights saturate every pixel; calibrate the last layer so images stay mid-range with visible
+        # structure (output std 0.15 around grey for a unit-normal latent).
+        last = vae.taesd_decoder[-1]
+        last.bias.zero_()
+        probe = 2.0 * torch.randn(1, 16, 32, 32, generator=generator)
+        last.weight.mul_(0.15 / max(float(vae.taesd_decoder(probe).std()), 1e-6))
+        last.bias.fill_(0.5)
     return {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
 
 

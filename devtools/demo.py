@@ -1,0 +1,274 @@
+"""The README's first command: a TACA comparison run on a real, headless ComfyUI server.
+
+    bash scripts/demo.sh                       # tiny built-in models, CPU, about a minute
+    bash scripts/demo.sh --models ~/ComfyUI/models   # your FLUX.1-dev or SD3.5-Medium files
+
+It generates the tiny models if needed (no download), starts ComfyUI on loopback with this pack, submits the
+comparison workflow in the API format the frontend produces (``devtools.workflows.ui_to_api`` over the
+server's ``/object_info``), shows progress, stops the server, and writes to ``demo_output/``:
+``taca_compare.png`` (without TACA | with TACA | difference) and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import comfy_runtime, workflows
+from .comfy_server import ComfyServer, port_in_use
+
+REPO = comfy_runtime.REPO
+DEFAULT_OUT = os.path.join(REPO, "demo_output")
+TINY_MODELS = os.path.join(REPO, ".runtime", "demo_models")
+
+# Real-model workflows: (workflow, {folder: [files]} it needs, base-model words for finding the TACA LoRA)
+REAL = [
+    ("flux1_dev_taca_compare", {"diffusion_models": ["flux1-dev.safetensors"],
+                                "clip": ["clip_l.safetensors", "t5xxl_fp16.safetensors"], "vae": ["ae.safetensors"]},
+     ("flux",)),
+    ("sd35_medium_taca_compare", {"checkpoints": ["sd3.5_medium.safetensors"],
+                                  "clip": ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"]},
+     ("sd3", "sd35", "sd3.5")),
+]
+FOLDER_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "clip": ("text_encoders", "clip"),
+                  "checkpoints": ("checkpoints",), "vae": ("vae",), "loras": ("loras",)}
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def find_file(models_dir: str, folder: str, name: str) -> Optional[str]:
+    for sub in FOLDER_ALIASES[folder]:
+        path = os.path.join(models_dir, sub, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def choose_workflow(models_dir: Optional[str]) -> Tuple[str, Dict[str, Any], Optional[str], List[str]]:
+    """(workflow name, UI workflow, models dir, notes)."""
+    if models_dir is None:
+        from .demo_models import ensure_demo_models
+
+        print("[demo] tiny built-in models:", os.path.relpath(TINY_MODELS, REPO))
+        ensure_demo_models(TINY_MODELS)
+        return "tiny_taca_demo", workflows.WORKFLOWS["tiny_taca_demo"](), TINY_MODELS, []
+    models_dir = os.path.abspath(os.path.expanduser(models_dir))
+    if not os.path.isdir(models_dir):
+        raise DemoError(f"--models {models_dir}: no such folder")
+    looked = []
+    for name, needs, lora_words in REAL:
+        missing = [f"{folder}/{f}" for folder, files in needs.items() for f in files if not find_file(models_dir, folder, f)]
+        if missing:
+            looked.append(f"{name}: missing {', '.join(missing)}")
+            continue
+        workflow = workflows.WORKFLOWS[name]()
+        notes = [_set_lora(workflow, models_dir, lora_words)]
+        return name, workflow, models_dir, notes
+    raise DemoError("no complete FLUX.1-dev or SD3.5-Medium model set under " + models_dir + ":\n  " + "\n  ".join(looked))
+
+
+def _set_lora(workflow: Dict[str, Any], models_dir: str, words) -> str:
+    node = next(n for n in workflow["nodes"] if n["type"] == "TACALoraLoader")
+    folder = os.path.join(models_dir, "loras")
+    candidates = []
+    if os.path.isdir(folder):
+        for root, _, files in os.walk(folder):
+            for f in files:
+                rel = os.path.relpath(os.path.join(root, f), folder)
+                low = rel.lower()
+                if "taca" in low and low.endswith(".safetensors") and any(w in low for w in words):
+                    candidates.append(rel)
+    if candidates:
+        node["widgets_values"][0] = sorted(candidates)[-1]
+        return f"TACA LoRA: {node['widgets_values'][0]}"
+    node["mode"] = workflows.BYPASSED
+    return "no TACA LoRA found in loras/ (a .safetensors with 'taca' and the model name in it): LoRA loader bypassed"
+
+
+def write_paths_config(models_dir: str, workdir: str) -> str:
+    path = os.path.join(workdir, "extra_model_paths.yaml")
+    lines = ["taca_demo:", f"    base_path: {models_dir}"]
+    for comfy_name, subs in (("checkpoints", ["checkpoints"]), ("diffusion_models", ["diffusion_models", "unet"]),
+                             ("text_encoders", ["text_encoders", "clip"]), ("clip", ["clip", "text_encoders"]),
+                             ("vae", ["vae"]), ("loras", ["loras"])):
+        lines.append(f"    {comfy_name}: |")
+        lines.extend(f"        {s}" for s in subs)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+async def run_prompt(server: ComfyServer, prompt: Dict[str, Any], titles: Dict[str, str]) -> Dict[str, Any]:
+    """Queue the prompt and follow it over the websocket: progress lines, per-node times, TACA reports."""
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    started: Dict[str, float] = {}
+    durations: Dict[str, float] = {}
+    steps_seen: Dict[str, List[float]] = {}  # node -> [time of step 1, time of the last step, steps]
+    reports: List[Dict[str, Any]] = []
+    notices: List[str] = []
+    current: Optional[str] = None
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}") as ws:
+            async with session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
+                body = await r.json()
+                if r.status != 200:
+                    raise DemoError("the server refused the workflow:\n" + json.dumps(body, indent=1)[:3000])
+            prompt_id = body["prompt_id"]
+            t0 = time.perf_counter()
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    continue  # previews and progress text frames
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                event = json.loads(msg.data)
+                kind, data = event.get("type"), event.get("data", {})
+                now = time.perf_counter()
+                if kind == "executing" and data.get("prompt_id") == prompt_id:
+                    if current is not None:
+                        durations[current] = now - started[current]
+                    current = data.get("node")
+                    if current is None:
+                        break
+                    started[current] = now
+                    print(f"\r[demo] {now - t0:6.1f}s  {titles.get(current, current):<40}", end="", flush=True)
+                elif kind == "progress" and data.get("prompt_id", prompt_id) == prompt_id:
+                    node = data.get("node")
+                    seen = steps_seen.setdefault(node, [now, now, 0])
+                    seen[1], seen[2] = now, data["value"]
+                    print(f"\r[demo] {now - t0:6.1f}s  {titles.get(node, node):<40} step {data['value']}/{data['max']}",
+                          end="", flush=True)
+                elif kind == "comfyui-taca.report":
+                    reports.append(data)
+                elif kind == "execution_error":
+                    print()
+                    raise DemoError(f"node {data.get('node_type')} failed: {data.get('exception_message')}")
+            print()
+    history = server.get(f"/history/{prompt_id}")[prompt_id]
+    # Sampling time without model loading: from the end of step 1 to the end of the last step, per step.
+    per_step = {node: (t1 - t0) / (n - 1) for node, (t0, t1, n) in steps_seen.items() if n > 1}
+    return {"durations": durations, "per_step": per_step, "reports": reports, "history": history, "notices": notices}
+
+
+def fetch_image(server: ComfyServer, history: Dict[str, Any], node_id: str):
+    from PIL import Image
+    import urllib.request
+
+    image = history["outputs"][node_id]["images"][0]
+    query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image["subfolder"],
+                                    "type": image["type"]})
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=60) as r:
+        return Image.open(io.BytesIO(r.read())).convert("RGB")
+
+
+def comparison(stitched, spacing: int = 8):
+    """Captioned panels from the workflow's stitched image: without TACA | with TACA | their difference."""
+    from PIL import Image, ImageChops, ImageDraw
+
+    width = (stitched.width - spacing) // 2
+    left = stitched.crop((0, 0, width, stitched.height))
+    right = stitched.crop((width + spacing, 0, 2 * width + spacing, stitched.height))
+    diff = ImageChops.difference(left, right)
+    peak = max(hi for _, hi in diff.getextrema()) or 1
+    diff = diff.point(lambda v: min(255, v * 255 // peak))
+    bar = 28
+    out = Image.new("RGB", (3 * width + 2 * spacing, stitched.height + bar), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (panel, caption) in enumerate(((left, "without TACA"), (right, "with TACA (+ TACA LoRA)"),
+                                          (diff, f"difference (x{255 / peak:.0f})"))):
+        x = i * (width + spacing)
+        out.paste(panel, (x, bar))
+        draw.text((x + 6, 8), caption, fill="black")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=os.environ.get("TACA_MODELS_DIR"),
+                        help="a ComfyUI models folder with FLUX.1-dev or SD3.5-Medium files (default: tiny built-in models)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("TACA_DEMO_PORT", "8199")))
+    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write taca_compare.png and report.md")
+    parser.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu for tiny models)")
+    args = parser.parse_args(argv)
+    try:
+        comfy_runtime.activate(cpu=True)
+        if port_in_use(args.port):
+            raise DemoError(f"port {args.port} on 127.0.0.1 is already in use (another ComfyUI?). "
+                            f"Stop it or choose another port: --port N (or TACA_DEMO_PORT=N).")
+        name, workflow, models_dir, notes = choose_workflow(args.models)
+        for note in notes:
+            print("[demo]", note)
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="taca_demo_") as workdir:
+            server = ComfyServer(workdir, ("--extra-model-paths-config", write_paths_config(models_dir, workdir)),
+                                 port=args.port, cpu=not (args.gpu or args.models))
+            print(f"[demo] starting ComfyUI on {server.url} (log: kept in the report on failure)")
+            try:
+                server.start()
+                object_info = server.get("/object_info")
+                prompt = workflows.ui_to_api(workflow, object_info)
+                titles = {k: v["_meta"]["title"] for k, v in prompt.items()}
+                print(f"[demo] running {name} ({len(prompt)} nodes)")
+                t0 = time.perf_counter()
+                result = asyncio.run(run_prompt(server, prompt, titles))
+                total = time.perf_counter() - t0
+                save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
+                image = fetch_image(server, result["history"], save_id)
+            except Exception:
+                log_tail = server.log()[-3000:] if os.path.exists(server.log_path) else ""
+                if log_tail:
+                    print("[demo] server log (tail):\n" + log_tail, file=sys.stderr)
+                raise
+            finally:
+                server.stop()
+                print("[demo] server stopped")
+        png = os.path.join(args.out, "taca_compare.png")
+        comparison(image).save(png)
+        report = make_report(name, prompt, result, total, notes)
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write(report)
+        print(report)
+        print(f"[demo] wrote {os.path.relpath(png)} and {os.path.relpath(os.path.join(args.out, 'report.md'))}")
+        return 0
+    except DemoError as err:
+        print(f"[demo] {err}", file=sys.stderr)
+        return 2
+
+
+def make_report(name: str, prompt: Dict[str, Any], result: Dict[str, Any], total: float, notes: List[str]) -> str:
+    per_step = result["per_step"]
+    samplers = {v["_meta"]["title"]: k for k, v in prompt.items() if v["class_type"] == "KSampler"}
+    plain = per_step.get(samplers.get("KSampler (without TACA)"), float("nan"))
+    taca = per_step.get(samplers.get("KSampler (with TACA)"), float("nan"))
+    lines = [f"# TACA demo: {name}", ""]
+    for report in result["reports"]:
+        steps = ", ".join(str(s) for s in report["acted_steps"]) or "none"
+        lines += [f"- TACA (gamma {report['gamma']:g}, threshold sigma {report['threshold_sigma']:g}, mode "
+                  f"{report['mode']}) acted on steps {steps} of {report['steps_total']}: "
+                  f"{report['attention_calls']} joint attention calls changed in {report['model_calls_acted']} of "
+                  f"{report['model_calls']} model calls; {report['untouched_attention_calls']} other attention calls "
+                  "in those model calls were left untouched."]
+        if report.get("warning"):
+            lines.append(f"- Warning: {report['warning']}")
+    lines += [f"- Sampling wall time per step (steps 2 to the last, model loading excluded): without TACA "
+              f"{plain * 1e3:.1f} ms, with TACA + TACA LoRA {taca * 1e3:.1f} ms (ratio {taca / plain:.3f}; one run, "
+              f"so noisy: bench/benchmark.py measures this properly); whole workflow {total:.1f} s including "
+              "server-side model loading."]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
