@@ -89,6 +89,78 @@ def _gather(t: torch.Tensor, pieces: Sequence[Tuple[int, int]], dim: int) -> tor
     return torch.cat([t.narrow(dim, a, b - a) for a, b in pieces], dim=dim)
 
 
+# Row groups of one attention call: (the sequence ranges the rows cover, in order; the backend's output for them).
+RowParts = List[Tuple[List[Tuple[int, int]], torch.Tensor]]
+
+
+def exact_attention_parts(
+    attend: Backend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    span: TextSpan,
+    gamma: float,
+    seq_dim: int,
+) -> RowParts:
+    """Eq. 10 exactly, in two backend calls, returned as row groups (see ``assemble_rows``).
+
+    Text-query rows see the original keys; visual-query rows see keys whose
+    text part is multiplied by gamma, which multiplies exactly the logits
+    q_vis . k_txt / sqrt(d) by gamma before the backend adds the mask.
+    """
+    n_query = q.shape[seq_dim]
+    if span.text_tokens == 0 or span.text_tokens == n_query:
+        return [([(0, n_query)], attend(q, k, v, mask))]
+    vis = span.visual_pieces()
+    k_scaled = scale_text_keys(k, span, gamma, seq_dim)
+    out_text = attend(q.narrow(seq_dim, span.start, span.text_tokens), k, v,
+                      mask_rows(mask, span.start, span.stop, n_query))
+    if len(vis) == 1:
+        a, b = vis[0]
+        out_vis = attend(q.narrow(seq_dim, a, b - a), k_scaled, v, mask_rows(mask, a, b, n_query))
+    else:
+        vis_mask = mask
+        if mask is not None and mask.ndim >= 2 and mask.shape[-2] == n_query:
+            vis_mask = _gather(mask, vis, mask.ndim - 2)
+        out_vis = attend(_gather(q, vis, seq_dim), k_scaled, v, vis_mask)
+    return [([(span.start, span.stop)], out_text), (vis, out_vis)]
+
+
+def _pieces(parts: RowParts, dim: int):
+    """(start, stop, rows of that range) for every range, in sequence order."""
+    out = []
+    for ranges, tensor in parts:
+        offset = 0
+        for a, b in ranges:
+            out.append((a, b, tensor.narrow(dim, offset, b - a)))
+            offset += b - a
+    return sorted(out, key=lambda piece: piece[0])
+
+
+def assemble_rows(parts: RowParts, out_seq_dim: int) -> torch.Tensor:
+    """Concatenate the row groups back into sequence order along ``out_seq_dim``."""
+    if len(parts) == 1 and len(parts[0][0]) == 1:
+        return parts[0][1]
+    return torch.cat([rows for _, _, rows in _pieces(parts, out_seq_dim)], dim=out_seq_dim)
+
+
+def assemble_heads_as_tokens(parts: RowParts, length: int) -> torch.Tensor:
+    """Row groups given as (B, H, n, D) written straight into one (B, N, H*D) tensor.
+
+    This is the layout ComfyUI's models ask attention for; writing each group
+    into its slice costs the same single copy the backend's own reshape would,
+    instead of a reshape per group plus a concatenation.
+    """
+    first = parts[0][1]
+    b, h, _, d = first.shape
+    out = torch.empty(b, length, h * d, dtype=first.dtype, device=first.device)
+    tokens = out.view(b, length, h, d)
+    for start, stop, rows in _pieces(parts, 2):
+        tokens.narrow(1, start, stop - start).copy_(rows.transpose(1, 2))
+    return out
+
+
 def exact_attention(
     attend: Backend,
     q: torch.Tensor,
@@ -100,39 +172,8 @@ def exact_attention(
     seq_dim: int,
     out_seq_dim: int,
 ) -> torch.Tensor:
-    """Eq. 10 exactly, in two backend calls.
-
-    Text-query rows see the original keys; visual-query rows see keys whose
-    text part is multiplied by gamma, which multiplies exactly the logits
-    q_vis . k_txt / sqrt(d) by gamma before the backend adds the mask.
-    """
-    n_query = q.shape[seq_dim]
-    if span.text_tokens == 0 or span.text_tokens == n_query:
-        return attend(q, k, v, mask)
-    vis = span.visual_pieces()
-    k_scaled = scale_text_keys(k, span, gamma, seq_dim)
-
-    out_text = attend(q.narrow(seq_dim, span.start, span.text_tokens), k, v,
-                      mask_rows(mask, span.start, span.stop, n_query))
-    if len(vis) == 1:
-        a, b = vis[0]
-        out_vis = attend(q.narrow(seq_dim, a, b - a), k_scaled, v, mask_rows(mask, a, b, n_query))
-    else:
-        vis_mask = mask
-        if mask is not None and mask.ndim >= 2 and mask.shape[-2] == n_query:
-            vis_mask = _gather(mask, vis, mask.ndim - 2)
-        out_vis = attend(_gather(q, vis, seq_dim), k_scaled, v, vis_mask)
-
-    # Reassemble the rows in sequence order.
-    parts = []
-    offset = 0
-    for a, b in sorted(vis + [(span.start, span.stop)]):
-        if (a, b) == (span.start, span.stop):
-            parts.append(out_text)
-        else:
-            parts.append(out_vis.narrow(out_seq_dim, offset, b - a))
-            offset += b - a
-    return torch.cat(parts, dim=out_seq_dim)
+    """Eq. 10 exactly: ``exact_attention_parts`` put back in sequence order."""
+    return assemble_rows(exact_attention_parts(attend, q, k, v, mask, span, gamma, seq_dim), out_seq_dim)
 
 
 def selective_attention(

@@ -141,6 +141,17 @@ class TacaAttentionOverride:
 
         gamma = self.settings.gamma
         mode = self.settings.mode
+        if mode == "exact" and out_seq_dim == 1:
+            # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
+            # groups straight into that layout (one copy, as the backend's own reshape would make).
+            def attend_heads(q_, k_, v_, mask_):
+                return self._inner(func, (q_, k_, v_, heads), dict(params, mask=mask_, skip_output_reshape=True))
+
+            parts = taca_attention.exact_attention_parts(attend_heads, q, k, v, mask, span, gamma, seq_dim)
+            if all(part.ndim == 4 for _, part in parts):
+                return taca_attention.assemble_heads_as_tokens(parts, span.length)
+            return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape
+                [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
         if mode == "exact":
             return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim)
         if mode == "selective":

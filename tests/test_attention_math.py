@@ -203,3 +203,15 @@ def test_good_settings_pass():
         taca_attention.validate_settings(1.2, 0.97, mode)
     taca_attention.validate_settings(1.0, 0.0, "exact")
     taca_attention.validate_settings(1.3, 1.0, "flex")
+
+
+@pytest.mark.parametrize("span", [TextSpan.text_first(9, 39), TextSpan.text_last(9, 39), TextSpan(12, 21, 39)])
+def test_row_groups_written_straight_into_the_token_layout(span):
+    """(B, H, n, D) row groups -> (B, N, H*D), the layout ComfyUI's models ask for."""
+    heads = 3
+    q, k, v = make_inputs(9, 30, torch.float32, heads=heads)
+    parts = taca_attention.exact_attention_parts(sdpa_bhnd, q, k, v, None, span, GAMMA, seq_dim=2)
+    out = taca_attention.assemble_heads_as_tokens(parts, span.length)
+    assert out.shape == (2, 39, heads * 16) and out.is_contiguous()
+    ref = taca_reference(q, k, v, span.start, span.stop, GAMMA)
+    assert max_row_rel_err(from_bn_hd(out, heads), ref) <= 1e-5
