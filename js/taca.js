@@ -1,0 +1,348 @@
+// comfyui-taca frontend extension.
+//
+// On every "TACA Patch Model" node it draws, below the widgets, when TACA acts in a sampling run:
+// one bar per denoising step, height gamma on the steps whose sigma is >= threshold_sigma and 1 on
+// the others, for the node's current widget values. The step sigmas are those of a nominal 30-step
+// schedule (ComfyUI's `simple` scheduler on an SD3 flow model, shift 3.0) until the server reports
+// a run of this node; then they are the sigmas of that run.
+//
+// After every sampling run the server sends the websocket event "comfyui-taca.report" for each TACA
+// Patch Model node (taca/report.py). The node shows what TACA did in that run, and the run's warning
+// (for example "TACA never acted: the run started at sigma 0.866 ...") in a warning colour.
+//
+// Everything is drawn on the graph canvas; the strings the server sends are only ever drawn with
+// fillText, never parsed as HTML. What was last drawn is kept in `node.tacaPlot` (and the run
+// feedback in `node.tacaFeedback`) for tests and other extensions.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+export const EXTENSION_NAME = "comfyui-taca.schedule";
+export const NODE_TYPE = "TACAPatchModel";
+export const REPORT_EVENT = "comfyui-taca.report";
+export const WIDGET_NAME = "taca_schedule";
+export const NOMINAL_STEPS = 30;
+export const NOMINAL_SHIFT = 3.0;
+
+export const COLORS = {
+  active: "#f0a73a", // steps where TACA acts (bar height gamma)
+  inactive: "#5f7391", // steps left untouched (bar height 1)
+  unitLine: "#9aa4b2",
+  label: "#d8dde4",
+  muted: "#9aa4b2",
+  ok: "#8fd694",
+  warning: "#ff7a59",
+  background: "#222831",
+};
+
+const FONT = "12px Arial, sans-serif";
+const LINE = 15;
+const PAD = 6;
+const MARGIN = 15;
+const BARS_HEIGHT = 32;
+
+// ----------------------------------------------------------------------------------- pure helpers
+
+/** sigma of an SD3-style flow model (ModelSamplingDiscreteFlow) at time t in (0, 1]. */
+export function flowSigma(t, shift = NOMINAL_SHIFT) {
+  return (shift * t) / (1 + (shift - 1) * t);
+}
+
+/** ComfyUI's `simple` scheduler over a flow model with 1000 timesteps: steps sigmas, then 0. */
+export function nominalSigmas(steps = NOMINAL_STEPS, shift = NOMINAL_SHIFT) {
+  const stride = 1000 / steps; // same float arithmetic as comfy.samplers.simple_scheduler
+  const sigmas = [];
+  for (let i = 0; i < steps; i++) {
+    sigmas.push(flowSigma((1000 - Math.floor(i * stride)) / 1000, shift));
+  }
+  sigmas.push(0);
+  return sigmas;
+}
+
+/** "1.2", "1.25", "0.97": at most 3 decimals, no trailing zeros. */
+export function fmt(x) {
+  if (typeof x !== "number" || !Number.isFinite(x)) return String(x);
+  return String(Number(x.toFixed(3)));
+}
+
+/** Runs of consecutive integers; runs at least `minRun` long are written "a-b". */
+export function formatSteps(steps, minRun = 2) {
+  const sorted = [...steps].sort((a, b) => a - b);
+  const parts = [];
+  let i = 0;
+  while (i < sorted.length) {
+    let j = i;
+    while (j + 1 < sorted.length && sorted[j + 1] === sorted[j] + 1) j++;
+    if (j - i + 1 >= minRun && j > i) parts.push(`${sorted[i]}-${sorted[j]}`);
+    else for (let k = i; k <= j; k++) parts.push(String(sorted[k]));
+    i = j + 1;
+  }
+  return parts.join(", ");
+}
+
+function widgetValue(node, name, fallback) {
+  const w = node.widgets?.find((x) => x.name === name);
+  const v = w ? Number(w.value) : NaN;
+  return Number.isFinite(v) ? v : fallback;
+}
+
+/**
+ * What the schedule plot shows for these settings: one entry per step.
+ * `report` is the last "comfyui-taca.report" for the node, or null.
+ */
+export function computePlot(gamma, threshold, report) {
+  const fromRun = !!(report && Array.isArray(report.sample_sigmas) && report.sample_sigmas.length >= 2);
+  const sigmas = fromRun ? report.sample_sigmas.map(Number) : nominalSigmas();
+  const steps = sigmas.length - 1;
+  const active = [];
+  for (let i = 0; i < steps; i++) active.push(sigmas[i] >= threshold);
+  const heights = active.map((a) => (a ? gamma : 1));
+  const activeSteps = active.flatMap((a, i) => (a ? [i] : []));
+  const source = fromRun ? "last run" : "nominal";
+  const sourceText = fromRun ? "from last run" : `nominal ${NOMINAL_STEPS}-step schedule`;
+  let label;
+  if (gamma === 1) label = `gamma 1: TACA off (${sourceText})`;
+  else if (activeSteps.length === 0) label = `gamma ${fmt(gamma)} on no step of ${steps}: no sigma >= ${fmt(threshold)} (${sourceText})`;
+  else label = `gamma ${fmt(gamma)} on steps ${formatSteps(activeSteps)} of ${steps} (${sourceText})`;
+  return { sigmas, active, heights, activeSteps, steps, gamma, threshold, source, label, bars: [] };
+}
+
+/** The text lines for the last run report, or null before any run. */
+export function computeFeedback(report) {
+  if (!report) return null;
+  const steps = Array.isArray(report.acted_steps) ? report.acted_steps.map(Number) : [];
+  const total = Number(report.steps_total);
+  const calls = Number(report.attention_calls) || 0;
+  const acted = steps.length
+    ? `TACA acted on steps ${formatSteps(steps, 4)} of ${total} · ${calls} attention call${calls === 1 ? "" : "s"}`
+    : `TACA did not act in the last run (${total} steps)`;
+  const warning = report.warning == null ? null : String(report.warning);
+  return { text: acted, warning, acted_steps: steps, steps_total: total, attention_calls: calls };
+}
+
+// ----------------------------------------------------------------------------------- drawing
+
+let measureCtx = null;
+function measurer() {
+  if (!measureCtx) measureCtx = document.createElement("canvas").getContext("2d");
+  measureCtx.font = FONT;
+  return measureCtx;
+}
+
+/** Greedy word wrap of `text` into lines at most `maxWidth` wide (long words are cut). */
+export function wrapText(ctx, text, maxWidth) {
+  const lines = [];
+  for (const paragraph of String(text).split("\n")) {
+    let line = "";
+    for (const word of paragraph.split(/\s+/).filter(Boolean)) {
+      const candidate = line ? `${line} ${word}` : word;
+      if (ctx.measureText(candidate).width <= maxWidth || !line) {
+        line = candidate;
+      } else {
+        lines.push(line);
+        line = word;
+      }
+      while (ctx.measureText(line).width > maxWidth && line.length > 1) {
+        let cut = line.length - 1;
+        while (cut > 1 && ctx.measureText(line.slice(0, cut)).width > maxWidth) cut--;
+        lines.push(line.slice(0, cut));
+        line = line.slice(cut);
+      }
+    }
+    lines.push(line);
+  }
+  return lines;
+}
+
+function layout(node, width) {
+  const ctx = measurer();
+  const inner = Math.max(40, width - 2 * MARGIN - 2 * PAD);
+  const plot = computePlot(widgetValue(node, "gamma", 1.2), widgetValue(node, "threshold_sigma", 0.97),
+    node.tacaReport ?? null);
+  const labelLines = wrapText(ctx, plot.label, inner);
+  const feedback = computeFeedback(node.tacaReport ?? null);
+  const feedbackLines = [];
+  if (feedback) {
+    for (const l of wrapText(ctx, feedback.text, inner)) feedbackLines.push({ text: l, color: COLORS.ok });
+    if (feedback.warning) {
+      for (const l of wrapText(ctx, `⚠ ${feedback.warning}`, inner)) feedbackLines.push({ text: l, color: COLORS.warning });
+    }
+  }
+  const height = PAD + labelLines.length * LINE + 4 + BARS_HEIGHT + 4 + feedbackLines.length * LINE + PAD;
+  return { plot, labelLines, feedback, feedbackLines, height };
+}
+
+function drawSchedule(ctx, node, width, y, showText = true) {
+  const lay = layout(node, width);
+  const { plot } = lay;
+  const x0 = MARGIN;
+  const w = width - 2 * MARGIN;
+  ctx.save();
+  ctx.fillStyle = COLORS.background;
+  ctx.beginPath();
+  if (ctx.roundRect) ctx.roundRect(x0, y, w, lay.height, 6);
+  else ctx.rect(x0, y, w, lay.height);
+  ctx.fill();
+
+  ctx.font = FONT;
+  ctx.textAlign = "left";
+  ctx.textBaseline = "alphabetic";
+  let ty = y + PAD;
+  if (showText) {
+    ctx.fillStyle = plot.activeSteps.length && plot.gamma !== 1 ? COLORS.label : COLORS.muted;
+    for (const line of lay.labelLines) {
+      ctx.fillText(line, x0 + PAD, ty + LINE - 4);
+      ty += LINE;
+    }
+  } else {
+    ty += lay.labelLines.length * LINE;
+  }
+  ty += 4;
+
+  // bars: one per step, height proportional to gamma (active) or 1 (inactive)
+  const top = Math.max(plot.gamma, 1);
+  const barsX = x0 + PAD;
+  const barsW = w - 2 * PAD;
+  const base = ty + BARS_HEIGHT;
+  const slot = barsW / Math.max(plot.steps, 1);
+  const gap = slot > 4 ? 1 : 0;
+  plot.bars = [];
+  for (let i = 0; i < plot.steps; i++) {
+    const h = Math.max(1, (plot.heights[i] / top) * (BARS_HEIGHT - 2));
+    const bx = barsX + i * slot;
+    const bar = { x: bx, y: base - h, w: Math.max(1, slot - gap), h, active: plot.active[i], height: plot.heights[i] };
+    ctx.fillStyle = bar.active ? COLORS.active : COLORS.inactive;
+    ctx.fillRect(bar.x, bar.y, bar.w, bar.h);
+    plot.bars.push(bar);
+  }
+  // the untouched level (gamma = 1), for reference
+  const unitY = base - (1 / top) * (BARS_HEIGHT - 2);
+  ctx.strokeStyle = COLORS.unitLine;
+  ctx.lineWidth = 1;
+  ctx.setLineDash?.([3, 3]);
+  ctx.beginPath();
+  ctx.moveTo(barsX, unitY - 0.5);
+  ctx.lineTo(barsX + barsW, unitY - 0.5);
+  ctx.stroke();
+  ctx.setLineDash?.([]);
+  ty = base + 4;
+
+  if (showText) {
+    for (const line of lay.feedbackLines) {
+      ctx.fillStyle = line.color;
+      ctx.fillText(line.text, x0 + PAD, ty + LINE - 4);
+      ty += LINE;
+    }
+  }
+  ctx.restore();
+
+  plot.widgetY = y;
+  plot.height = lay.height;
+  plot.drawCount = (node.tacaPlot?.drawCount ?? 0) + 1;
+  node.tacaPlot = plot;
+  node.tacaFeedback = lay.feedback
+    ? { ...lay.feedback, lines: lay.feedbackLines.map((l) => l.text), warningShown: !!lay.feedback.warning }
+    : null;
+}
+
+function fitNode(node) {
+  try {
+    const min = node.computeSize?.();
+    if (!min) return;
+    if (node.size[0] < min[0] || node.size[1] < min[1]) {
+      node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+    }
+  } catch (err) {
+    console.warn("[comfyui-taca] could not resize node", err);
+  }
+}
+
+function redraw(node) {
+  fitNode(node);
+  node.setDirtyCanvas?.(true, true);
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
+function addScheduleWidget(node) {
+  if (node.widgets?.some((w) => w.name === WIDGET_NAME)) return;
+  const widget = {
+    name: WIDGET_NAME,
+    type: "taca_schedule",
+    value: "",
+    serialize: false, // not part of widgets_values
+    options: { serialize: false }, // not part of the prompt
+    // LiteGraph calls draw(ctx, node, width, y, H, lowQuality); Vue nodes' legacy-widget host omits lowQuality.
+    draw(ctx, n, widgetWidth, y, _height, lowQuality) {
+      try {
+        drawSchedule(ctx, node, widgetWidth ?? node.size[0], y, lowQuality !== true);
+      } catch (err) {
+        console.error("[comfyui-taca] schedule drawing failed", err);
+      }
+    },
+    computeSize(width) {
+      const w = width ?? node.size?.[0] ?? 320;
+      return [w, layout(node, w).height];
+    },
+    mouse() {
+      return false;
+    },
+  };
+  node.addCustomWidget(widget);
+
+  const onWidgetChanged = node.onWidgetChanged;
+  node.onWidgetChanged = function (name, ...rest) {
+    const r = onWidgetChanged?.apply(this, [name, ...rest]);
+    if (name === "gamma" || name === "threshold_sigma") redraw(this);
+    return r;
+  };
+  for (const name of ["gamma", "threshold_sigma"]) {
+    const w = node.widgets?.find((x) => x.name === name);
+    if (!w) continue;
+    const callback = w.callback;
+    w.callback = function (...args) {
+      const r = callback?.apply(this, args);
+      redraw(node);
+      return r;
+    };
+  }
+}
+
+// ----------------------------------------------------------------------------------- run reports
+
+function findNode(executionId) {
+  const root = app.rootGraph ?? app.graph;
+  if (!root || executionId == null) return null;
+  const path = String(executionId).split(":");
+  let graph = root;
+  let node = null;
+  for (let i = 0; i < path.length; i++) {
+    node = graph?.getNodeById?.(path[i]) ?? graph?.getNodeById?.(Number(path[i])) ?? null;
+    if (!node) return null;
+    if (i < path.length - 1) graph = node.subgraph;
+  }
+  return node;
+}
+
+function onReport(event) {
+  try {
+    const detail = event?.detail;
+    if (!detail || typeof detail !== "object") return;
+    const node = findNode(detail.node_id);
+    if (!node || node.comfyClass !== NODE_TYPE) return;
+    node.tacaReport = detail;
+    redraw(node);
+  } catch (err) {
+    console.error("[comfyui-taca] bad report", err);
+  }
+}
+
+app.registerExtension({
+  name: EXTENSION_NAME,
+  setup() {
+    api.addEventListener(REPORT_EVENT, onReport);
+  },
+  nodeCreated(node) {
+    if (node?.comfyClass !== NODE_TYPE) return;
+    addScheduleWidget(node);
+  },
+});
