@@ -290,11 +290,34 @@ def bench_syncs(nodes) -> None:
                          f"{count - counts['unpatched']:+d}", "", "tensor->host reads; each is a sync on a GPU"))
 
 
+# ---------------------------------------------------------------- compile
+
+def bench_compile(nodes, rounds: int, steps: int = 30) -> None:
+    """Whole sampling with ComfyUI's TorchCompileModel (inductor) on the unpatched and the patched model."""
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    from devtools.sampling import ksample
+
+    tiny = bench_model()
+    h, w = tm.BENCH_LATENT[tiny.kind]
+    variants = {"compiled unpatched": TorchCompileModel.execute(model=tiny.patcher, backend="inductor").result[0],
+                "compiled exact": TorchCompileModel.execute(model=patched(nodes, tiny.patcher),
+                                                            backend="inductor").result[0]}
+    compile_s = {}
+    for name, model in variants.items():  # compile outside the timed rounds (TACA and plain graphs)
+        start = time.perf_counter()
+        ksample(model, tiny, steps=steps, cfg=1.0, height=h, width=w)
+        compile_s[name] = time.perf_counter() - start
+    fns = {name: (lambda m=m: ksample(m, tiny, steps=steps, cfg=1.0, height=h, width=w)) for name, m in variants.items()}
+    report("compile", f"small FLUX-like model, {steps} steps, TorchCompileModel inductor", interleaved(fns, rounds),
+           "compiled unpatched", "first run incl. compile: " + ", ".join(f"{k} {v:.0f}s" for k, v in compile_s.items()))
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs")
+    parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement")
     args = parser.parse_args(argv or None)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -315,6 +338,8 @@ def main(argv: Sequence[str] = ()) -> None:
             bench_lora(nodes, args.repeats)
         if "syncs" in sections:
             bench_syncs(nodes)
+        if "compile" in sections:
+            bench_compile(nodes, max(3, args.repeats // 2))
     print_table()
 
 
