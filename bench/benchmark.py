@@ -101,7 +101,7 @@ def attention_inputs(heads, dim, text, image, dtype, skip_reshape, seed=0):
 
 def attention_variants(backend, q, k, v, heads, mask, skip_reshape, span) -> Dict[str, Callable[[], object]]:
     def call(mode):
-        override = None if mode is None else TacaAttentionOverride(TacaSettings(1.2, 0.97, mode), span, None)
+        override = None if mode is None else TacaAttentionOverride(TacaSettings(1.2, 0.97, mode), [span], None)
         options = {} if override is None else {"optimized_attention_override": override}
         return lambda: backend(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, transformer_options=options)
 

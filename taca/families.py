@@ -17,11 +17,13 @@ Nothing here imports ComfyUI; models are inspected by duck typing.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .attention import TextSpan
 
 CountFn = Callable[[Any, Any, Dict[str, Any]], int]
+# (diffusion_model, x, context, conds) -> every joint layout of this model call (at most one per sequence length)
+LayoutsFn = Callable[[Any, Any, Any, Dict[str, Any]], List[TextSpan]]
 
 
 class UnsupportedModelError(ValueError):
@@ -35,12 +37,22 @@ class ModelFamily(NamedTuple):
     count_text: CountFn  # (diffusion_model, context, conds) -> text tokens
     count_visual: CountFn  # (diffusion_model, x, conds) -> visual tokens
     text_side: str  # for the README support matrix and error messages
+    # Families whose blocks concatenate different token sets give all their layouts here; by default the one
+    # layout text + visual, in the family's order.
+    layouts_fn: Optional[LayoutsFn] = None
 
     def span(self, text_tokens: int, visual_tokens: int) -> TextSpan:
         length = text_tokens + visual_tokens
         if self.text_first:
             return TextSpan.text_first(text_tokens, length)
         return TextSpan.text_last(text_tokens, length)
+
+    def layouts(self, diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[TextSpan]:
+        """The joint text+visual layouts of one model call, read from its actual inputs."""
+        if self.layouts_fn is not None:
+            return self.layouts_fn(diffusion_model, x, context, conds)
+        text = self.count_text(diffusion_model, context, conds)
+        return [self.span(text, self.count_visual(diffusion_model, x, conds))]
 
 
 def _patch_size(diffusion_model: Any) -> Tuple[int, int]:

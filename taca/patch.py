@@ -24,7 +24,7 @@ module does not import ComfyUI.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -107,9 +107,10 @@ class _FlexKernel:
 class TacaAttentionOverride:
     """``transformer_options["optimized_attention_override"]`` for one TACA-active model call."""
 
-    def __init__(self, settings: TacaSettings, span: TextSpan, previous: Optional[Callable]):
+    def __init__(self, settings: TacaSettings, spans: Sequence[TextSpan], previous: Optional[Callable]):
         self.settings = settings
-        self.span = span
+        # Joint calls are recognised by their sequence length; each length has its own text span.
+        self.spans = {span.length: span for span in spans if span.text_tokens > 0 and span.length > span.text_tokens}
         self.previous = previous
         self.joint_calls = 0
         self.other_calls = 0
@@ -130,9 +131,9 @@ class TacaAttentionOverride:
         mask = params.pop("mask", None)
         seq_dim = 2 if params.get("skip_reshape", False) else 1
         out_seq_dim = 2 if params.get("skip_output_reshape", False) else 1
-        span = self.span
-        if q.ndim != (4 if seq_dim == 2 else 3) or q.shape[seq_dim] != span.length or k.shape[seq_dim] != span.length:
-            self.other_calls += 1  # not the joint text+image attention of this model call
+        span = self.spans.get(q.shape[seq_dim]) if q.ndim == (4 if seq_dim == 2 else 3) else None
+        if span is None or k.shape[seq_dim] != span.length:
+            self.other_calls += 1  # not a joint text+image attention of this model call
             return self._inner(func, args, kwargs)
         self.joint_calls += 1
 
@@ -156,14 +157,14 @@ class TacaAttentionOverride:
             return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim)
         if mode == "selective":
             return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim)
-        return self._flex(q, k, v, heads, mask, seq_dim, out_seq_dim, params)
+        return self._flex(q, k, v, heads, mask, seq_dim, out_seq_dim, params, span)
 
-    def _flex(self, q, k, v, heads, mask, seq_dim, out_seq_dim, params) -> torch.Tensor:
+    def _flex(self, q, k, v, heads, mask, seq_dim, out_seq_dim, params, span: TextSpan) -> torch.Tensor:
         if seq_dim == 1:  # (B, N, H*D) -> (B, H, N, D); SD3 passes v as (B, N, H, D)
             q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        out = _FlexKernel.run(q, k, v, mask, self.span, self.settings.gamma)
+        out = _FlexKernel.run(q, k, v, mask, span, self.settings.gamma)
         if out_seq_dim == 1:
             b, h, n, d = out.shape
             out = out.transpose(1, 2).reshape(b, n, h * d)
@@ -187,17 +188,15 @@ class TacaApplyModelWrapper:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
         diffusion_model = executor.class_obj.diffusion_model
-        text_tokens = self.family.count_text(diffusion_model, c_crossattn, kwargs)
-        visual_tokens = self.family.count_visual(diffusion_model, x, kwargs)
-        span = self.family.span(text_tokens, visual_tokens)
-        override = TacaAttentionOverride(self.settings, span, options.get(OVERRIDE_KEY))
+        spans = self.family.layouts(diffusion_model, x, c_crossattn, kwargs)
+        override = TacaAttentionOverride(self.settings, spans, options.get(OVERRIDE_KEY))
         options[OVERRIDE_KEY] = override
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-        log.debug("TACA acted at sigma %.5f: %d joint attention calls, %d others untouched (text %d, visual %d)",
-                  sigma, override.joint_calls, override.other_calls, text_tokens, visual_tokens)
+        log.debug("TACA acted at sigma %.5f: %d joint attention calls, %d others untouched (layouts %s)",
+                  sigma, override.joint_calls, override.other_calls, spans)
         if override.joint_calls == 0:
-            log.debug("TACA active at sigma %.4f but no attention call had the joint length %d (%d text + %d visual, %s)",
-                      sigma, span.length, text_tokens, visual_tokens, self.family.name)
+            log.debug("TACA active at sigma %.4f but no attention call had a joint layout %s (%s)",
+                      sigma, spans, self.family.name)
         if self.report is not None:
             self.report.record(sigma, True, override.joint_calls, override.other_calls)
         return out
