@@ -165,3 +165,118 @@ def build_unsupported(kind: str):
     device = torch.device("cpu")
     base = config_class(dict(unet_config)).get_model({}, device=device)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Joint-attention families beyond FLUX/SD3 (issue 6).  Built from the supported_models class directly (their
+# unet_config detection needs real checkpoint sizes); the conditioning carries what each model's extra_conds
+# expects.  Shapes: ``latent_shape`` is the latent without batch (4D or 5D models).
+
+
+class FamilyKind(NamedTuple):
+    config_class: Any
+    unet_config: Dict[str, Any]
+    latent_shape: tuple  # (C, H, W) or (C, T, H, W)
+    text_tokens: int
+    extra_cond: Dict[str, Any]  # as KINDS: "pooled_output": width -> random tensor; other values as given
+
+
+_HUNYUAN_VIDEO = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 24,
+    "context_in_dim": CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+    "guidance_embed": True, "byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+}
+BYT5_DIM = 1472  # fixed input width of ComfyUI's ByT5Mapper
+VISION_DIM = 16  # tiny SigLIP width for HunyuanVideo 1.5's vision_in
+
+FAMILY_KINDS = {
+    "auraflow": FamilyKind(comfy.supported_models.AuraFlow, {
+        "cond_seq_dim": CONTEXT_DIM, "max_seq": 64, "dim": 64, "n_layers": 2, "n_double_layers": 1, "n_heads": 2,
+        "patch_size": 2, "in_channels": 4, "out_channels": 4}, (4, 16, 16), 40, {}),
+    "hunyuan_video": FamilyKind(comfy.supported_models.HunyuanVideo, _HUNYUAN_VIDEO, (16, 3, 8, 8), 30,
+                                {"pooled_output": 24, "guidance": 6.0}),
+    "hunyuan_video_i2v": FamilyKind(comfy.supported_models.HunyuanVideoI2V, dict(_HUNYUAN_VIDEO, in_channels=33),
+                                    (16, 3, 8, 8), 30, {"pooled_output": 24, "guidance": 6.0}),
+    "hunyuan_video15": FamilyKind(comfy.supported_models.HunyuanVideo15, dict(
+        _HUNYUAN_VIDEO, in_channels=33, vec_in_dim=None, guidance_embed=False, byt5=True,
+        use_cond_type_embedding=True, vision_in_dim=VISION_DIM), (16, 2, 8, 8), 30, {"pooled_output": 24}),
+    "hunyuan_image21": FamilyKind(comfy.supported_models.HunyuanImage21, dict(
+        _HUNYUAN_VIDEO, in_channels=16, vec_in_dim=None, guidance_embed=True, byt5=True, patch_size=[1, 1],
+        axes_dim=[16, 16]), (16, 8, 8), 30, {}),
+    "qwen_image": FamilyKind(comfy.supported_models.QwenImage, {
+        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+        "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": CONTEXT_DIM,
+        "axes_dims_rope": (8, 12, 12)}, (16, 1, 16, 16), 34, {}),
+    "hidream": FamilyKind(comfy.supported_models.HiDream, {
+        "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+        "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2,
+        "caption_channels": [CONTEXT_DIM, 24], "text_emb_dim": 24, "num_routed_experts": 2,
+        "num_activated_experts": 1, "axes_dims_rope": [16, 8, 8], "max_resolution": [32, 32],
+        "llama_layers": [0, 1]}, (16, 16, 16), 36, {"pooled_output": 24}),
+    "lumina2": FamilyKind(comfy.supported_models.Lumina2, {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 2,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 2.0,
+        "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": CONTEXT_DIM, "axes_dims": [8, 12, 12],
+        "axes_lens": [300, 64, 64], "rope_theta": 10000.0}, (16, 16, 16), 38, {}),
+    # Z-Image as newer ComfyUI builds it (pad_tokens_multiple=32: caption and image tokens padded with learned
+    # pad tokens); ComfyUI 0.3.75's detection leaves pad_tokens_multiple unset, which "lumina2" covers.
+    "z_image": FamilyKind(comfy.supported_models.ZImage, {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 2,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 8.0 / 3.0,
+        "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": CONTEXT_DIM, "axes_dims": [32, 48, 48],
+        "axes_lens": [300, 64, 64], "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0,
+        "pad_tokens_multiple": 32}, (16, 14, 18), 37, {}),
+    "omnigen2": FamilyKind(comfy.supported_models.Omnigen2, {
+        "image_model": "omnigen2", "patch_size": 2, "in_channels": 16, "hidden_size": 64, "num_layers": 2,
+        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16,
+        "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64], "text_feat_dim": CONTEXT_DIM,
+        "timestep_scale": 1000.0}, (16, 16, 16), 35, {}),
+}
+
+
+def build_family(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
+    """A tiny random-weight model of one of FAMILY_KINDS, as a ComfyUI ModelPatcher."""
+    spec = FAMILY_KINDS[kind]
+    model_config = spec.config_class(dict(spec.unet_config))
+    model_config.set_inference_dtype(dtype, None)
+    device = torch.device("cpu")
+    base = model_config.get_model({}, device=device)
+    _randomize(base.diffusion_model, seed)
+    base.eval()
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+    patch = spec.unet_config.get("patch_size", 2)
+    patch = int(patch[-1]) if isinstance(patch, (list, tuple)) else int(patch)
+    return TinyModel(kind, patcher, spec.latent_shape[0], spec.text_tokens, 0, patch, dict(spec.extra_cond))
+
+
+def family_latent(tiny: TinyModel, batch: int = 1, shape: Optional[tuple] = None) -> torch.Tensor:
+    return torch.zeros((batch,) + tuple(shape or FAMILY_KINDS[tiny.kind].latent_shape))
+
+
+class _VisionOutput(NamedTuple):  # what CLIPVisionEncode hands HunyuanVideo 1.5 (only last_hidden_state is read)
+    last_hidden_state: torch.Tensor
+
+
+def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens: Optional[int] = None,
+                        llama_tokens: int = 0, byt5_tokens: int = 0, vision_tokens: int = 0, **extra_cond):
+    """Random conditioning with the extra inputs each family's extra_conds reads.
+
+    llama_tokens: HiDream's ``conditioning_llama3`` (B, layers, L, 24); byt5_tokens: ``conditioning_byt5small``
+    (HunyuanImage 2.1 / HunyuanVideo 1.5); vision_tokens: ``clip_vision_output`` (HunyuanVideo 1.5).
+    """
+    cond = conditioning(tiny, seed, text_tokens=text_tokens, batch=batch)
+    g = torch.Generator().manual_seed(seed + 1000)
+    options = cond[0][1]
+    if llama_tokens:
+        layers = len(FAMILY_KINDS[tiny.kind].unet_config["llama_layers"])
+        options["conditioning_llama3"] = torch.randn(batch, layers, llama_tokens, 24, generator=g)
+    if byt5_tokens:
+        options["conditioning_byt5small"] = torch.randn(batch, byt5_tokens, BYT5_DIM, generator=g)
+    if vision_tokens:
+        options["clip_vision_output"] = _VisionOutput(torch.randn(batch, vision_tokens, VISION_DIM, generator=g))
+    if tiny.kind == "omnigen2" and "attention_mask" not in extra_cond:
+        # OmniGen2's extra_conds takes num_tokens from the text encoder's attention mask
+        options["attention_mask"] = torch.ones(batch, cond[0][0].shape[1], dtype=torch.long)
+    options.update(extra_cond)
+    return cond

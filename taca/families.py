@@ -89,6 +89,99 @@ def _flux_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> 
     return _patch_tokens(x, patch) + sum(_patch_tokens(r, patch) for r in refs)
 
 
+def _ceil_tokens(sizes: Sequence[int], patch: Sequence[int]) -> int:
+    """Tokens of a grid of ``sizes`` cut in patches of ``patch`` (each dimension padded up to the patch)."""
+    return math.prod(math.ceil(int(s) / int(p)) for s, p in zip(sizes, patch))
+
+
+def _latent_list(value: Any) -> Sequence[Any]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return value
+    return (value,)
+
+
+def _auraflow_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # AuraFlow prepends its learned register tokens to the projected context: they are on the text side.
+    registers = getattr(diffusion_model, "register_tokens", None)
+    return _context_tokens(diffusion_model, context, conds) + (0 if registers is None else int(registers.shape[1]))
+
+
+def _hunyuan_patch(diffusion_model: Any, latent: Any) -> Tuple[int, ...]:
+    patch = tuple(int(p) for p in diffusion_model.patch_size)
+    return patch[-(latent.ndim - 2):] if latent.ndim - 2 < len(patch) else patch
+
+
+def _hunyuan_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # HunyuanVideo / HunyuanImage 2.1: the latent (2D or 3D) cut by the patch embedder, plus any reference
+    # latent (HunyuanVideo 1.0 I2V "ref_latent"), which the model prepends to the image tokens.
+    tokens = _ceil_tokens(x.shape[2:], _hunyuan_patch(diffusion_model, x))
+    for ref in _latent_list(conds.get("ref_latent")):
+        tokens += _ceil_tokens(ref.shape[2:], _hunyuan_patch(diffusion_model, ref))
+    return tokens
+
+
+def _hunyuan_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # The refined text tokens (the token refiner is self-attention over the text alone, left untouched),
+    # plus the byT5 glyph tokens and the vision-encoder tokens the model concatenates to them when it has
+    # the layers for them (HunyuanImage 2.1, HunyuanVideo 1.5).
+    tokens = _context_tokens(diffusion_model, context, conds)
+    byt5 = conds.get("txt_byt5")
+    if byt5 is not None and getattr(diffusion_model, "byt5_in", None) is not None:
+        tokens += int(byt5.shape[1])
+    clip_fea = conds.get("clip_fea")
+    if clip_fea is not None and getattr(diffusion_model, "vision_in", None) is not None:
+        tokens += int(clip_fea.shape[1])
+    return tokens
+
+
+def _plane_tokens(diffusion_model: Any, latents: Sequence[Any]) -> int:
+    patch = _patch_size(diffusion_model)
+    return sum(_ceil_tokens(lat.shape[-2:], patch) for lat in latents)
+
+
+def _with_ref_latents_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # Qwen-Image(-Edit), Omnigen2: every image plane (the latent's last two dims) is patchified after padding;
+    # reference images are visual tokens too.
+    return _plane_tokens(diffusion_model, [x, *_latent_list(conds.get("ref_latents"))])
+
+
+def _hidream_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # Every HiDream block sees the T5 tokens, the Llama tokens of the last Llama layer and the Llama tokens of
+    # that block's own layer: T5 + 2 x Llama tokens, after the image tokens.
+    llama = conds.get("encoder_hidden_states_llama3")
+    llama_tokens = 0 if llama is None else int(llama.shape[-2])
+    return _context_tokens(diffusion_model, context, conds) + 2 * llama_tokens
+
+
+def _hidream_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # HiDream-E1 edit: the condition image is concatenated to the latent along its width before patchifying.
+    width = int(x.shape[-1])
+    image_cond = conds.get("image_cond")
+    if image_cond is not None:
+        width += int(image_cond.shape[-1])
+    return _ceil_tokens((x.shape[-2], width), _patch_size(diffusion_model))
+
+
+def _round_up(n: int, multiple: Any) -> int:
+    if not multiple:
+        return n
+    return n + (-n) % int(multiple)
+
+
+def _lumina_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # Lumina 2 / Z-Image: the caption tokens as the conditioning holds them (padded by the text encoder;
+    # padding kept, as the model keeps it), padded with the model's pad token when it sets pad_tokens_multiple.
+    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
+    return _round_up(_context_tokens(diffusion_model, context, conds), multiple)
+
+
+def _lumina_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
+    return _round_up(_plane_tokens(diffusion_model, [x]), multiple)
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -122,13 +215,86 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_image_tokens,
         text_side="CLIP-L/G + T5 tokens (about 154) plus register tokens",
     ),
+    ModelFamily(
+        name="AuraFlow",
+        model_classes=("AuraFlow",),
+        text_first=True,
+        count_text=_auraflow_text_tokens,
+        count_visual=_image_tokens,
+        text_side="the model's 8 register tokens plus the T5 (Pile-T5) tokens",
+    ),
+    ModelFamily(
+        name="HunyuanVideo 1.0 (T2V, I2V, SkyReels I2V)",
+        model_classes=("HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V"),
+        text_first=False,
+        count_text=_hunyuan_text_tokens,
+        count_visual=_hunyuan_visual_tokens,
+        text_side="the LLaVA-Llama tokens after the token refiner (I2V: including the image tokens the text "
+                  "encoder put into them)",
+    ),
+    ModelFamily(
+        name="HunyuanVideo 1.5",
+        model_classes=("HunyuanVideo15", "HunyuanVideo15_SR_Distilled"),
+        text_first=False,
+        count_text=_hunyuan_text_tokens,
+        count_visual=_hunyuan_visual_tokens,
+        text_side="vision-encoder tokens (I2V), byT5 tokens and the Qwen2.5-VL tokens after the token refiner",
+    ),
+    ModelFamily(
+        name="HunyuanImage 2.1",
+        model_classes=("HunyuanImage21", "HunyuanImage21Refiner"),
+        text_first=False,
+        count_text=_hunyuan_text_tokens,
+        count_visual=_hunyuan_visual_tokens,
+        text_side="Qwen2.5-VL tokens after the token refiner plus the byT5 glyph tokens",
+    ),
+    ModelFamily(
+        name="Qwen-Image (and Qwen-Image-Edit)",
+        model_classes=("QwenImage",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_with_ref_latents_visual_tokens,
+        text_side="Qwen2.5-VL tokens (Edit: including the vision tokens of the input image); reference latents "
+                  "count as image tokens",
+    ),
+    ModelFamily(
+        name="HiDream",
+        model_classes=("HiDream",),
+        text_first=False,
+        count_text=_hidream_text_tokens,
+        count_visual=_hidream_visual_tokens,
+        text_side="T5 tokens plus the Llama-3.1 tokens (twice: the last layer's and each block's own layer's)",
+    ),
+    ModelFamily(
+        name="Lumina 2 / Z-Image",
+        model_classes=("Lumina2",),
+        text_first=True,
+        count_text=_lumina_text_tokens,
+        count_visual=_lumina_visual_tokens,
+        text_side="the caption tokens, padding included as the model keeps it",
+    ),
+    ModelFamily(
+        name="OmniGen2",
+        model_classes=("Omnigen2",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_with_ref_latents_visual_tokens,
+        text_side="the Qwen2.5-VL tokens; reference images count as image tokens",
+    ),
 )
 
-# Families whose text enters through cross-attention: there is no joint softmax to rebalance.
+# model_base classes whose text (or other condition) enters through cross-attention: there is no joint softmax in
+# which the text is outnumbered, so nothing to rebalance.  Every such class of ComfyUI 0.3.75 is listed (subclasses
+# by name, since matching is by exact class name).  GenmoMochi and Hunyuan3Dv2 do use joint attention and get the
+# "not supported yet" message instead.
 CROSS_ATTENTION_MODELS: Tuple[str, ...] = (
+    # UNets (SD1.x / SD2.x / SDXL and their variants, SVD, SV3D, Zero123, x4 upscaler, Lotus, Stable Cascade)
     "BaseModel", "SD21UNCLIP", "SDXL", "SDXLRefiner", "SD15_instructpix2pix", "SDXL_instructpix2pix",
-    "SVD_img2vid", "StableCascade_C", "StableCascade_B", "PixArt", "HunyuanDiT", "WAN21", "WAN22",
-    "CosmosVideo", "CosmosPredict2", "LTXV", "GenmoMochi",
+    "SVD_img2vid", "SV3D_u", "SV3D_p", "Stable_Zero123", "SD_X4Upscaler", "Lotus",
+    "StableCascade_C", "StableCascade_B",
+    # cross-attention DiTs
+    "PixArt", "HunyuanDiT", "LTXV", "CosmosVideo", "CosmosPredict2", "StableAudio1", "ACEStep",
+    "WAN21", "WAN22", "WAN21_Vace", "WAN21_Camera", "WAN21_HuMo", "WAN22_Animate", "WAN22_S2V",
 )
 
 

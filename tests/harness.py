@@ -105,3 +105,41 @@ class AttentionSpy:
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+class MultiLayoutReference:
+    """The float64 eq.-10 reference for models whose joint calls come in several layouts.
+
+    ``layouts`` maps a joint sequence length to its text span (start, stop), the test's own reading of the
+    model it built; calls of any other length go to ComfyUI's kernel.  With ``threshold`` set, the reference
+    acts only while the call's sigma >= threshold (eq. 11), so whole sampler runs can be compared.
+    Counters: ``joint_calls`` per length, ``other_calls`` as (q length, k length).
+    """
+
+    def __init__(self, layouts, gamma: float, threshold: Optional[float] = None):
+        self.layouts = {int(n): (int(a), int(b)) for n, (a, b) in layouts.items()}
+        self.gamma = gamma
+        self.threshold = threshold
+        self.joint_calls = {n: 0 for n in self.layouts}
+        self.other_calls: List[tuple] = []
+
+    def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                 skip_output_reshape=False, **kwargs):
+        seq_dim = 2 if skip_reshape else 1
+        n = q.shape[seq_dim]
+        active = True
+        if self.threshold is not None:
+            sigmas = kwargs["transformer_options"].get("sigmas")
+            active = float(sigmas.max()) >= self.threshold
+        if n not in self.layouts or k.shape[seq_dim] != n or not active:
+            self.other_calls.append((n, k.shape[seq_dim]))
+            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
+        self.joint_calls[n] += 1
+        q4, k4, v4 = (_to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
+        start, stop = self.layouts[n]
+        out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask)).to(q.dtype)
+        if not skip_output_reshape:
+            b, h, n_, d = out.shape
+            out = out.transpose(1, 2).reshape(b, n_, h * d)
+        return out
