@@ -204,6 +204,17 @@ FAMILY_KINDS = {
     "hunyuan_image21": FamilyKind(comfy.supported_models.HunyuanImage21, dict(
         _HUNYUAN_VIDEO, in_channels=16, vec_in_dim=None, guidance_embed=True, byt5=True, patch_size=[1, 1],
         axes_dim=[16, 16]), (16, 8, 8), 30, {}),
+    "hunyuan_video_skyreels": FamilyKind(comfy.supported_models.HunyuanVideoSkyreelsI2V,
+                                         dict(_HUNYUAN_VIDEO, in_channels=32), (16, 3, 8, 8), 30,
+                                         {"pooled_output": 24, "guidance": 6.0}),
+    # SR distilled: latent + (2 x 16 + 2) concat channels
+    "hunyuan_video15_sr": FamilyKind(comfy.supported_models.HunyuanVideo15_SR_Distilled, dict(
+        _HUNYUAN_VIDEO, in_channels=50, vec_in_dim=None, guidance_embed=False, byt5=True,
+        use_cond_type_embedding=True, vision_in_dim=VISION_DIM), (16, 2, 8, 8), 30, {"pooled_output": 24}),
+    # refiner: 3D patch 1x1x1 over a one-frame latent, latent + concat image channels, meanflow time_r disabled
+    "hunyuan_image21_refiner": FamilyKind(comfy.supported_models.HunyuanImage21Refiner, dict(
+        _HUNYUAN_VIDEO, in_channels=32, vec_in_dim=None, guidance_embed=True, byt5=True, patch_size=[1, 1, 1],
+        meanflow=True), (16, 1, 8, 8), 30, {}),
     "qwen_image": FamilyKind(comfy.supported_models.QwenImage, {
         "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
         "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": CONTEXT_DIM,
@@ -280,3 +291,39 @@ def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens:
         options["attention_mask"] = torch.ones(batch, cond[0][0].shape[1], dtype=torch.long)
     options.update(extra_cond)
     return cond
+
+
+# Models whose text enters through cross-attention (TACA refuses them), one tiny model per model_base class
+# for the error-path tests (never sampled).
+_SDXL_UNET = {
+    "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": 32,
+    "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+    "use_checkpoint": False, "num_classes": "sequential", "num_head_channels": 32,
+}
+_WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16,
+        "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2, "num_layers": 1}
+CROSS_ATTENTION_KINDS = {
+    "sdxl": (comfy.supported_models.SDXL, _SDXL_UNET),
+    "wan21": (comfy.supported_models.WAN21_T2V, _WAN),
+    "wan21_vace": (comfy.supported_models.WAN21_Vace, dict(_WAN, vace_layers=1, vace_in_dim=96)),
+    "wan22": (comfy.supported_models.WAN22_T2V, dict(_WAN, in_dim=48, out_dim=48)),
+    "pixart": (comfy.supported_models.PixArtAlpha, {
+        "image_model": "pixart_alpha", "input_size": 16, "patch_size": 2, "in_channels": 4, "hidden_size": 64,
+        "depth": 1, "num_heads": 2, "caption_channels": 32, "model_max_length": 16, "micro_condition": False}),
+    "hunyuan_dit": (comfy.supported_models.HunyuanDiT, {
+        "image_model": "hydit", "input_size": 16, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2,
+        "num_heads": 2, "text_states_dim": 32, "text_states_dim_t5": 32, "text_len": 8, "text_len_t5": 8}),
+    "cosmos_predict2": (comfy.supported_models.CosmosT2IPredict2, {
+        "image_model": "cosmos_predict2", "max_img_h": 64, "max_img_w": 64, "max_frames": 8, "in_channels": 16,
+        "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64, "num_blocks": 1,
+        "num_heads": 2, "crossattn_emb_channels": 32, "pos_emb_cls": "rope3d", "adaln_lora_dim": 16}),
+}
+
+
+def build_cross_attention(kind: str):
+    config_class, unet_config = CROSS_ATTENTION_KINDS[kind]
+    device = torch.device("cpu")
+    base = config_class(dict(unet_config)).get_model({}, device=device)
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)

@@ -204,3 +204,59 @@ def test_hunyuan_video_sampled_through_comfy_sample(pack_nodes):
     untouched = {step_of_sigma[round(c[0], 5)] for c in spy.calls if c[1] == 78}
     assert sorted(acted) == taca_steps
     assert untouched == set(range(8)) - set(taca_steps)
+
+
+@pytest.mark.parametrize("kind,class_name", [
+    ("sdxl", "SDXL"), ("wan21", "WAN21"), ("wan21_vace", "WAN21_Vace"), ("wan22", "WAN22"), ("pixart", "PixArt"),
+    ("hunyuan_dit", "HunyuanDiT"), ("cosmos_predict2", "CosmosPredict2"),
+])
+def test_cross_attention_models_are_told_why_taca_does_not_apply(pack_nodes, kind, class_name):
+    patcher = tm.build_cross_attention(kind)
+    assert type(patcher.model).__name__ == class_name
+    before = repr(patcher.model_options)
+    with pytest.raises(ValueError) as err:
+        taca(pack_nodes, patcher)
+    message = str(err.value)
+    for word in (class_name, "cross-attention", "no text/visual token imbalance", "FLUX.1", "AuraFlow", "HiDream"):
+        assert word in message, (word, message)
+    assert repr(patcher.model_options) == before
+
+
+def test_every_model_base_class_is_placed():
+    """Every comfy.model_base model class of this ComfyUI is either supported, refused as cross-attention, or one
+    of the few joint-attention classes knowingly left unsupported (with the generic message)."""
+    import inspect
+
+    import comfy.model_base
+    from taca import families
+
+    left_unsupported = {"GenmoMochi", "Hunyuan3Dv2", "Hunyuan3Dv2_1", "ChromaRadiance"}
+    placed = set(families.CROSS_ATTENTION_MODELS) | left_unsupported
+    for family in families.FAMILIES:
+        placed |= set(family.model_classes)
+    classes = {name for name, cls in inspect.getmembers(comfy.model_base, inspect.isclass)
+               if cls.__module__ == "comfy.model_base" and issubclass(cls, comfy.model_base.BaseModel)}
+    assert classes - placed == set()
+    assert not set(families.CROSS_ATTENTION_MODELS) & {c for f in families.FAMILIES for c in f.model_classes}
+
+
+@pytest.mark.parametrize("kind", ["hunyuan_video_skyreels", "hunyuan_video15_sr", "hunyuan_image21_refiner"])
+def test_supported_subclasses_patch_and_match_the_reference(pack_nodes, kind):
+    """Subclasses claimed supported: same forward (only the concatenated channels or the timestep input differ)."""
+    tiny = tm.build_family(kind)
+    spec = tm.FAMILY_KINDS[kind]
+    c, *grid = spec.latent_shape
+    patch = spec.unet_config["patch_size"][-len(grid):]
+    visual = 1
+    for size, p in zip(grid, patch):
+        visual *= size // p
+    text = spec.text_tokens
+    positive = tm.family_conditioning(tiny, 1, batch=2)
+    negative = tm.family_conditioning(tiny, 2, batch=2)
+    latent = tm.family_latent(tiny, batch=2)
+    reference = MultiLayoutReference({visual + text: (visual, visual + text)}, GAMMA)  # image first
+    out = one_step(taca(pack_nodes, tiny.patcher), positive, negative, latent, cfg=3.0)
+    ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=3.0)
+    plain = one_step(tiny.patcher, positive, negative, latent, cfg=3.0)
+    assert rel_diff(out, ref) <= TOLERANCE
+    assert rel_diff(plain, ref) > 30 * TOLERANCE
