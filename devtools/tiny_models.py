@@ -327,3 +327,10 @@ def build_cross_attention(kind: str):
     device = torch.device("cpu")
     base = config_class(dict(unet_config)).get_model({}, device=device)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+# A joint-attention model TACA does not support yet (for the generic "not supported" error path): Hunyuan3D 2.0 runs
+# joint attention over shape latents and image-encoder tokens (no text).
+UNSUPPORTED["hunyuan3d"] = (comfy.supported_models.Hunyuan3Dv2, {
+    "image_model": "hunyuan3d2", "in_channels": 16, "context_in_dim": 32, "hidden_size": 64, "num_heads": 2,
+    "depth": 1, "depth_single_blocks": 1})

@@ -260,3 +260,13 @@ def test_supported_subclasses_patch_and_match_the_reference(pack_nodes, kind):
     plain = one_step(tiny.patcher, positive, negative, latent, cfg=3.0)
     assert rel_diff(out, ref) <= TOLERANCE
     assert rel_diff(plain, ref) > 30 * TOLERANCE
+
+
+def test_joint_attention_models_not_supported_yet_get_the_generic_message(pack_nodes):
+    patcher = tm.build_unsupported("hunyuan3d")
+    with pytest.raises(ValueError) as err:
+        taca(pack_nodes, patcher)
+    message = str(err.value)
+    for word in ("Hunyuan3Dv2", "not support", "FLUX.1", "AuraFlow", "OmniGen2"):
+        assert word in message, (word, message)
+    assert "cross-attention" not in message
