@@ -136,6 +136,20 @@ def _hunyuan_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, An
     return tokens
 
 
+def _hunyuan_layouts(diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[TextSpan]:
+    """HunyuanVideo / HunyuanImage 2.1 put the image first in ComfyUI 0.3.75 (the double blocks are built with
+    ``flipped_img_txt=True`` and the single blocks concatenate image then text, with matching RoPE ids).  Read
+    the order from the model's own double block rather than assume it, so a build that puts the text first
+    (``flipped_img_txt=False``, as some newer trees do) gets the text-first span."""
+    text = _hunyuan_text_tokens(diffusion_model, context, conds)
+    visual = _hunyuan_visual_tokens(diffusion_model, x, conds)
+    blocks = getattr(diffusion_model, "double_blocks", None)
+    image_first = bool(getattr(blocks[0], "flipped_img_txt", True)) if blocks is not None and len(blocks) else True
+    if image_first:
+        return [TextSpan.text_last(text, text + visual)]
+    return [TextSpan.text_first(text, text + visual)]
+
+
 def _plane_tokens(diffusion_model: Any, latents: Sequence[Any]) -> int:
     patch = _patch_size(diffusion_model)
     return sum(_ceil_tokens(lat.shape[-2:], patch) for lat in latents)
@@ -231,6 +245,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_hunyuan_visual_tokens,
         text_side="the LLaVA-Llama tokens after the token refiner (I2V: including the image tokens the text "
                   "encoder put into them)",
+        layouts_fn=_hunyuan_layouts,
     ),
     ModelFamily(
         name="HunyuanVideo 1.5",
@@ -239,6 +254,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_hunyuan_text_tokens,
         count_visual=_hunyuan_visual_tokens,
         text_side="vision-encoder tokens (I2V), byT5 tokens and the Qwen2.5-VL tokens after the token refiner",
+        layouts_fn=_hunyuan_layouts,
     ),
     ModelFamily(
         name="HunyuanImage 2.1",
@@ -247,6 +263,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_hunyuan_text_tokens,
         count_visual=_hunyuan_visual_tokens,
         text_side="Qwen2.5-VL tokens after the token refiner plus the byT5 glyph tokens",
+        layouts_fn=_hunyuan_layouts,
     ),
     ModelFamily(
         name="Qwen-Image (and Qwen-Image-Edit)",

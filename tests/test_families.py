@@ -270,3 +270,19 @@ def test_joint_attention_models_not_supported_yet_get_the_generic_message(pack_n
     for word in ("Hunyuan3Dv2", "not support", "FLUX.1", "AuraFlow", "OmniGen2"):
         assert word in message, (word, message)
     assert "cross-attention" not in message
+
+
+def test_hunyuan_order_is_read_from_the_model(pack_nodes):
+    """ComfyUI 0.3.75 puts HunyuanVideo's image first (double blocks built with flipped_img_txt=True); the family
+    reads that flag from the model instead of assuming it, so a build whose blocks put the text first (as some
+    newer trees do, with text-first RoPE ids and single blocks to match) gets a text-first span.  Layout only:
+    0.3.75 has no such build to run."""
+    tiny = tm.build_family("hunyuan_video")
+    from taca.families import family_for_model
+    family = family_for_model(tiny.patcher.model)
+    x = torch.zeros(2, 16, 3, 8, 8)
+    context = torch.zeros(2, 30, tm.CONTEXT_DIM)
+    assert family.layouts(tiny.patcher.model.diffusion_model, x, context, {}) == [(48, 78, 78)]
+    for block in tiny.patcher.model.diffusion_model.double_blocks:
+        block.flipped_img_txt = False
+    assert family.layouts(tiny.patcher.model.diffusion_model, x, context, {}) == [(0, 30, 78)]
