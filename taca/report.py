@@ -10,7 +10,7 @@ Importing this module does not import ComfyUI.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 log = logging.getLogger("comfyui-taca")
 
@@ -23,20 +23,28 @@ class RunReport:
         self.gamma = gamma
         self.threshold_sigma = threshold_sigma
         self.mode = mode
-        self.reset(())
+        self.reset([])
 
     def __deepcopy__(self, memo):  # shared by the node's wrappers across ComfyUI's model_options copies
         return self
 
-    def reset(self, sample_sigmas: Sequence[float]) -> None:
-        self.sample_sigmas: List[float] = [float(s) for s in sample_sigmas]
+    def reset(self, sample_sigmas: Any) -> None:
+        # Kept as given (a tensor, maybe on the GPU) and read only when the run is over: no sync while sampling.
+        self._schedule = sample_sigmas
+        self._sample_sigmas: Optional[List[float]] = None
         self.model_calls = 0
         self.acted_calls = 0
         self.attention_calls = 0
         self.untouched_attention_calls = 0
-        self.acted_steps: List[int] = []
         self.acted_sigmas: List[float] = []
         self.no_joint_calls = 0  # TACA-step model calls in which no attention call had the joint layout
+
+    @property
+    def sample_sigmas(self) -> List[float]:
+        if self._sample_sigmas is None:
+            schedule = self._schedule
+            self._sample_sigmas = [float(s) for s in (schedule.tolist() if hasattr(schedule, "tolist") else schedule)]
+        return self._sample_sigmas
 
     def step_of(self, sigma: float) -> Optional[int]:
         for i, s in enumerate(self.sample_sigmas[:-1]):
@@ -54,11 +62,13 @@ class RunReport:
         if joint_calls == 0:
             self.no_joint_calls += 1
             return
-        step = self.step_of(sigma)
-        if step is not None and step not in self.acted_steps:
-            self.acted_steps.append(step)
         if sigma not in self.acted_sigmas:
             self.acted_sigmas.append(sigma)
+
+    @property
+    def acted_steps(self) -> List[int]:
+        steps = {self.step_of(sigma) for sigma in self.acted_sigmas}
+        return sorted(s for s in steps if s is not None)
 
     def warning(self) -> Optional[str]:
         if self.gamma == 1.0:
@@ -82,7 +92,7 @@ class RunReport:
             "mode": self.mode,
             "steps_total": steps,
             "sample_sigmas": self.sample_sigmas,
-            "acted_steps": sorted(self.acted_steps),
+            "acted_steps": self.acted_steps,
             "acted_sigmas": self.acted_sigmas,
             "model_calls": self.model_calls,
             "model_calls_acted": self.acted_calls,
@@ -126,7 +136,7 @@ class ReportSampleWrapper:
         return self
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        self.report.reset(sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas))
+        self.report.reset(sigmas)
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         self.report.publish()
         return out
