@@ -151,8 +151,13 @@ def _hunyuan_layouts(diffusion_model: Any, x: Any, context: Any, conds: Dict[str
 
 
 def _plane_tokens(diffusion_model: Any, latents: Sequence[Any]) -> int:
+    """Image tokens of 4D (B, C, H, W) or 5D (B, C, F, H, W) latents patchified over H and W.
+
+    ComfyUI 0.3.75 only runs F == 1 for these models; newer Qwen-Image (Layered) and Lumina (Ming-Image) builds
+    patchify every frame, F x the plane, which this count follows.
+    """
     patch = _patch_size(diffusion_model)
-    return sum(_ceil_tokens(lat.shape[-2:], patch) for lat in latents)
+    return sum(_ceil_tokens(lat.shape[-2:], patch) * (int(lat.shape[2]) if lat.ndim == 5 else 1) for lat in latents)
 
 
 def _with_ref_latents_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
