@@ -35,8 +35,8 @@ export const COLORS = {
   background: "#222831",
 };
 
-const FONT = "12px Arial, sans-serif";
-const LINE = 15;
+const FONT = "11px Arial, sans-serif";
+const LINE = 14;
 const PAD = 6;
 const MARGIN = 15;
 const BARS_HEIGHT = 32;
@@ -95,7 +95,8 @@ export function computePlot(gamma, threshold, report) {
   const sigmas = fromRun ? report.sample_sigmas.map(Number) : nominalSigmas();
   const steps = sigmas.length - 1;
   const active = [];
-  for (let i = 0; i < steps; i++) active.push(sigmas[i] >= threshold);
+  // gamma 1 is the unpatched model: TACA acts on no step
+  for (let i = 0; i < steps; i++) active.push(gamma !== 1 && sigmas[i] >= threshold);
   const heights = active.map((a) => (a ? gamma : 1));
   const activeSteps = active.flatMap((a, i) => (a ? [i] : []));
   const source = fromRun ? "last run" : "nominal";
@@ -113,11 +114,12 @@ export function computeFeedback(report) {
   const steps = Array.isArray(report.acted_steps) ? report.acted_steps.map(Number) : [];
   const total = Number(report.steps_total);
   const calls = Number(report.attention_calls) || 0;
-  const acted = steps.length
-    ? `TACA acted on steps ${formatSteps(steps, 4)} of ${total} · ${calls} attention call${calls === 1 ? "" : "s"}`
-    : `TACA did not act in the last run (${total} steps)`;
   const warning = report.warning == null ? null : String(report.warning);
-  return { text: acted, warning, acted_steps: steps, steps_total: total, attention_calls: calls };
+  // with a warning, the warning alone says what happened (it starts "TACA never acted: ...")
+  let text = null;
+  if (steps.length) text = `TACA acted on steps ${formatSteps(steps, 4)} of ${total} · ${calls} attention call${calls === 1 ? "" : "s"}`;
+  else if (!warning) text = `TACA did not act in the last run (${total} steps)`;
+  return { text, warning, acted_steps: steps, steps_total: total, attention_calls: calls };
 }
 
 // ----------------------------------------------------------------------------------- drawing
@@ -163,7 +165,9 @@ function layout(node, width) {
   const feedback = computeFeedback(node.tacaReport ?? null);
   const feedbackLines = [];
   if (feedback) {
-    for (const l of wrapText(ctx, feedback.text, inner)) feedbackLines.push({ text: l, color: COLORS.ok });
+    if (feedback.text) {
+      for (const l of wrapText(ctx, feedback.text, inner)) feedbackLines.push({ text: l, color: COLORS.ok });
+    }
     if (feedback.warning) {
       for (const l of wrapText(ctx, `⚠ ${feedback.warning}`, inner)) feedbackLines.push({ text: l, color: COLORS.warning });
     }
@@ -245,6 +249,29 @@ function drawSchedule(ctx, node, width, y, showText = true) {
     : null;
 }
 
+// The warning is also flagged in the title bar, which stays visible when a node below overlaps the body.
+export const TITLE_WARNING = "⚠ TACA never acted";
+
+function drawTitleWarning(ctx, node) {
+  const warning = node.tacaReport?.warning;
+  if (warning == null || node.flags?.collapsed) {
+    node.tacaTitleWarning = null;
+    return;
+  }
+  const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  ctx.save();
+  ctx.font = "bold 12px Arial, sans-serif";
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  const titleWidth = ctx.measureText(node.getTitle?.() ?? node.title ?? "").width;
+  const room = node.size[0] - titleWidth - 50;
+  const text = ctx.measureText(TITLE_WARNING).width <= room ? TITLE_WARNING : "⚠";
+  ctx.fillStyle = COLORS.warning;
+  ctx.fillText(text, node.size[0] - 10, -titleHeight / 2);
+  ctx.restore();
+  node.tacaTitleWarning = { text, right: node.size[0] - 10, y: -titleHeight / 2 };
+}
+
 function fitNode(node) {
   try {
     const min = node.computeSize?.();
@@ -288,6 +315,17 @@ function addScheduleWidget(node) {
     },
   };
   node.addCustomWidget(widget);
+
+  const onDrawForeground = node.onDrawForeground;
+  node.onDrawForeground = function (ctx, ...rest) {
+    const r = onDrawForeground?.apply(this, [ctx, ...rest]);
+    try {
+      drawTitleWarning(ctx, this);
+    } catch (err) {
+      console.error("[comfyui-taca] title warning drawing failed", err);
+    }
+    return r;
+  };
 
   const onWidgetChanged = node.onWidgetChanged;
   node.onWidgetChanged = function (name, ...rest) {
