@@ -1,0 +1,184 @@
+"""Template thumbnails: each workflow in workflows/*.json, loaded in the real (headless) ComfyUI frontend.
+
+    .runtime/venv/bin/python -m devtools.thumbnails          # rewrite workflows/<name>.jpg
+
+The frontend shows them in its Templates dialog, from /api/workflow_templates/comfyui-taca/<name>.jpg.
+Needs the runtime (scripts/setup_runtime.sh) and /usr/bin/chromium; starts its own `main.py --cpu`
+on a free loopback port. The browser helpers here are shared with tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any, Dict, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS_DIR = os.path.join(REPO, "workflows")
+CHROMIUM = os.environ.get("TACA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+THUMB_SIZE = (640, 360)
+# The frontend's settings for a clean, repeatable page: no tutorial / templates dialog, no minimap.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# For pictures: no canvas info text or zoom controls, and node text drawn at any zoom.
+THUMB_SETTINGS = {"Comfy.Graph.CanvasInfo": False, "Comfy.Graph.CanvasMenu": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1}
+# Only the local server is reachable; everything else (update checks, registry look-ups) fails at once.
+NOT_LOOPBACK = re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/])[a-z]+://")
+
+
+def launch_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def open_frontend(browser, url: str, viewport=(1600, 900)):
+    """A new page on the ComfyUI frontend at ``url``, once the app and its extensions are ready."""
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, device_scale_factor=1)
+    context.route(NOT_LOOPBACK, lambda route: route.abort())
+    # the "Nodes 2.0" banner above the canvas (the frontend keeps its dismissal in localStorage)
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady && window.app.extensions",
+                           timeout=90_000)
+    return page
+
+
+def load_workflow(page, workflow: Dict[str, Any]) -> None:
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); app.canvas.draw(true, true); }", workflow)
+
+
+def set_focus_mode(page, on: bool = True) -> None:
+    """Hide (or show) the menus and side bars around the canvas."""
+    page.evaluate("""async (on) => {
+        if (!!app.extensionManager.focusMode !== on) await app.extensionManager.command.execute('Workspace.ToggleFocusMode');
+    }""", on)
+    page.wait_for_timeout(300)
+
+
+def fit_view(page) -> None:
+    """Zoom so that every node is visible, with a margin."""
+    page.evaluate("""() => {
+        const nodes = app.graph.nodes;
+        if (!nodes.length) return;
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        for (const n of nodes) {
+            const title = LiteGraph.NODE_TITLE_HEIGHT;
+            x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
+            x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+        }
+        const canvas = app.canvas.canvas, ds = app.canvas.ds;
+        const w = canvas.clientWidth, h = canvas.clientHeight, margin = 30;
+        const scale = Math.min((w - 2 * margin) / (x1 - x0), (h - 2 * margin) / (y1 - y0), 1.0);
+        ds.scale = scale;
+        ds.offset[0] = (w / scale - (x1 - x0)) / 2 - x0;
+        ds.offset[1] = (h / scale - (y1 - y0)) / 2 - y0;
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+    }""")
+    page.wait_for_timeout(300)
+
+
+# ------------------------------------------------------------------ a throwaway server for this script
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, payload: Optional[dict] = None):
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+    return json.loads(body) if body else None
+
+
+def start_server(workdir: str):
+    from devtools import comfy_runtime
+
+    port = _free_port()
+    dirs = {sub: os.path.join(workdir, sub) for sub in ("output", "temp", "input", "user")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    log = open(os.path.join(workdir, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--output-directory", dirs["output"], "--temp-directory", dirs["temp"],
+                             "--input-directory", dirs["input"], "--user-directory", dirs["user"]],
+                            cwd=comfy_runtime.COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("ComfyUI exited during start-up; see " + log.name)
+        try:
+            _http(url + "/system_stats")
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("ComfyUI did not start in time; see " + log.name)
+
+
+def screenshot_workflow(page, workflow: Dict[str, Any], size=THUMB_SIZE, quality: int = 80) -> bytes:
+    """JPEG bytes of the whole graph of ``workflow``, ``size`` pixels."""
+    from PIL import Image
+
+    load_workflow(page, workflow)
+    fit_view(page)
+    png = page.screenshot(type="png")
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.resize(size, Image.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality, optimize=True)
+    return out.getvalue()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="workflow names (default: all in workflows/)")
+    args = parser.parse_args(argv)
+    from playwright.sync_api import sync_playwright
+
+    paths = sorted(glob.glob(os.path.join(WORKFLOWS_DIR, "*.json")))
+    if args.names:
+        paths = [p for p in paths if os.path.splitext(os.path.basename(p))[0] in args.names]
+    with tempfile.TemporaryDirectory(prefix="taca-thumbs-") as workdir:
+        proc, url = start_server(workdir)
+        try:
+            _http(url + "/settings", {**FRONTEND_SETTINGS, **THUMB_SETTINGS})
+            with sync_playwright() as pw:
+                browser = launch_browser(pw)
+                # twice the thumbnail size, then downscaled: readable titles, no low-quality rendering
+                page = open_frontend(browser, url, viewport=(THUMB_SIZE[0] * 2, THUMB_SIZE[1] * 2))
+                set_focus_mode(page, True)
+                for path in paths:
+                    with open(path) as f:
+                        workflow = json.load(f)
+                    target = os.path.splitext(path)[0] + ".jpg"
+                    with open(target, "wb") as f:
+                        f.write(screenshot_workflow(page, workflow))
+                    print("wrote", os.path.relpath(target, REPO))
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    from devtools import comfy_runtime  # noqa: F401  (checks the runtime exists)
+
+    sys.exit(main())
