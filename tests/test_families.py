@@ -64,6 +64,11 @@ CASES = {
     "hunyuan_video15": Case("hunyuan_video15", {"byt5_tokens": 5, "vision_tokens": 4}, {71: (32, 71)}, {(30, 30)}, 2),
     # HunyuanImage 2.1: patch 1: [8 x 8 = 64 image | 30 text + 5 byT5].
     "hunyuan_image21": Case("hunyuan_image21", {"byt5_tokens": 5}, {99: (64, 99)}, {(30, 30)}, 2),
+    # HunyuanImage 2.1 with a text padding mask (last 6 of 30 tokens masked): the model adds the mask to the joint
+    # logits after TACA's scaling (and to the refiner's); batch 1 at cfg 1, as the model's mask is built for one,
+    # and no byT5 tokens (0.3.75 does not extend the mask over them).
+    "hunyuan_image21_masked": Case("hunyuan_image21", {"attention_mask": "text_mask"},
+                                   {94: (64, 94)}, {(30, 30)}, 2, batch=1, cfg=1.0),
     # Qwen-Image: [34 text | (16/2)^2 = 64 image]; 2 blocks.
     "qwen_image": Case("qwen_image", {}, {98: (0, 34)}, set(), 2),
     # Qwen-Image-Edit: a 12x8 reference latent adds 6 x 4 = 24 visual tokens.
@@ -79,7 +84,13 @@ CASES = {
                      2, batch=1),
 }
 
-_MAKERS = {"qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()], "hunyuan_ref": _hunyuan_ref}
+def _text_mask():
+    mask = torch.ones(1, 30, dtype=torch.long)
+    mask[:, 24:] = 0
+    return mask
+
+
+_MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()], "hunyuan_ref": _hunyuan_ref}
 
 
 def taca(pack_nodes, model, gamma=GAMMA, threshold=0.97, mode="exact"):
