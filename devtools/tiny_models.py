@@ -215,6 +215,11 @@ FAMILY_KINDS = {
     "hunyuan_image21_refiner": FamilyKind(comfy.supported_models.HunyuanImage21Refiner, dict(
         _HUNYUAN_VIDEO, in_channels=32, vec_in_dim=None, guidance_embed=True, byt5=True, patch_size=[1, 1, 1],
         meanflow=True), (16, 1, 8, 8), 30, {}),
+    # pixel-space Chroma: 3 channels, patch 4 here (16 in the real model), NeRF MLP head
+    "chroma_radiance": FamilyKind(comfy.supported_models.ChromaRadiance, dict(
+        _CHROMA, image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=4, nerf_hidden_size=16,
+        nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=0, nerf_final_head_type="linear",
+        nerf_embedder_dtype=None), (3, 32, 32), 40, {"pooled_output": 24}),
     "qwen_image": FamilyKind(comfy.supported_models.QwenImage, {
         "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
         "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": CONTEXT_DIM,

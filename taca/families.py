@@ -9,7 +9,7 @@ length is not exactly text + visual (SD3.5 Medium's image-only self-attention,
 for instance) is left alone.
 
 Models are matched by the exact ``comfy.model_base`` class name rather than by
-inheritance, so a subclass we have not checked (ChromaRadiance is a Chroma, for
+inheritance, so a subclass we have not checked (a future subclass of Flux, for
 example) is reported as unsupported instead of being patched blindly.
 Nothing here imports ComfyUI; models are inspected by duck typing.
 """
@@ -219,11 +219,11 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         text_side="text-encoder tokens, left-padded to 512",
     ),
     ModelFamily(
-        name="Chroma",
-        model_classes=("Chroma",),
+        name="Chroma, Chroma Radiance",
+        model_classes=("Chroma", "ChromaRadiance"),
         text_first=True,
         count_text=_context_tokens,
-        count_visual=_image_tokens,
+        count_visual=_image_tokens,  # Radiance: pixel patches of the model's patch size (16); its NeRF head has no attention
         text_side="T5 tokens",
     ),
     ModelFamily(

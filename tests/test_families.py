@@ -69,6 +69,8 @@ CASES = {
     # and no byT5 tokens (0.3.75 does not extend the mask over them).
     "hunyuan_image21_masked": Case("hunyuan_image21", {"attention_mask": "text_mask"},
                                    {94: (64, 94)}, {(30, 30)}, 2, batch=1, cfg=1.0),
+    # Chroma Radiance (pixel space): [40 T5 | (32/4)^2 = 64 pixel patches]; 1 double + 2 single blocks.
+    "chroma_radiance": Case("chroma_radiance", {}, {104: (0, 40)}, set(), 3),
     # Qwen-Image: [34 text | (16/2)^2 = 64 image]; 2 blocks.
     "qwen_image": Case("qwen_image", {}, {98: (0, 34)}, set(), 2),
     # Qwen-Image-Edit: a 12x8 reference latent adds 6 x 4 = 24 visual tokens.
@@ -164,7 +166,7 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     assert sorted(other) == sorted(plain_other)  # the refiners' calls, whole and unchanged
 
 
-@pytest.mark.parametrize("name", ["auraflow", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image",
+@pytest.mark.parametrize("name", ["auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image",
                                   "omnigen2", "hunyuan_image21", "hunyuan_video15"])
 def test_below_threshold_bit_identical_and_gated_by_sigma(pack_nodes, name):
     case = CASES[name]
@@ -241,7 +243,7 @@ def test_every_model_base_class_is_placed():
     import comfy.model_base
     from taca import families
 
-    left_unsupported = {"GenmoMochi", "Hunyuan3Dv2", "Hunyuan3Dv2_1", "ChromaRadiance"}
+    left_unsupported = {"GenmoMochi", "Hunyuan3Dv2", "Hunyuan3Dv2_1"}
     placed = set(families.CROSS_ATTENTION_MODELS) | left_unsupported
     for family in families.FAMILIES:
         placed |= set(family.model_classes)
