@@ -30,7 +30,7 @@ class TACAPatchModel(io.ComfyNode):
             category="model_patches/taca",
             description=DESCRIPTION,
             inputs=[
-                io.Model.Input("model", tooltip="An MM-DiT model: FLUX.1 (dev, schnell, Kontext, Fill), Flux.2, Chroma, SD3 or SD3.5."),
+                io.Model.Input("model", tooltip="An MM-DiT model: FLUX.1, Flux.2, Chroma, SD3/3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1, Qwen-Image, HiDream, Lumina 2/Z-Image or OmniGen2."),
                 io.Float.Input(
                     "gamma", default=1.2, min=taca_attention.GAMMA_MIN, max=taca_attention.GAMMA_MAX, step=0.01,
                     tooltip="Temperature gamma_0 applied to image-query x text-key attention logits. "

@@ -159,7 +159,7 @@ def test_composes_with_another_attention_override_in_either_order(pack_nodes, or
 
 @pytest.mark.parametrize("kind,words", [
     ("sd15", ["BaseModel", "cross-attention", "FLUX.1", "SD3"]),
-    ("auraflow", ["AuraFlow", "not support", "FLUX.1", "SD3"]),
+    ("hunyuan3d", ["Hunyuan3Dv2", "not support", "FLUX.1", "SD3"]),
 ])
 def test_unsupported_models_get_a_clear_error(pack_nodes, kind, words):
     patcher = tm.build_unsupported(kind)
