@@ -12,6 +12,7 @@ Screenshots go to .artifacts/browser/.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import time
@@ -124,10 +125,17 @@ def focus_taca(page, node_id=None):
 
 def drawn(page, node_id, after=None, timeout=15_000, condition="true"):
     """What the extension last drew for the node, once a draw newer than ``after`` satisfies ``condition``."""
-    page.wait_for_function(
-        f"""([id, after]) => {{ const n = app.graph.getNodeById(id); const plot = n && n.tacaPlot;
-            if (!plot || (after != null && plot.drawCount <= after)) {{ app.canvas.setDirty(true, true); return false; }}
-            const feedback = n.tacaFeedback; return {condition}; }}""", arg=[node_id, after], timeout=timeout)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            f"""([id, after]) => {{ const n = app.graph.getNodeById(id); const plot = n && n.tacaPlot;
+                if (!plot || (after != null && plot.drawCount <= after)) {{ app.canvas.setDirty(true, true); return false; }}
+                const feedback = n.tacaFeedback; return {condition}; }}""", arg=[node_id, after], timeout=timeout)
+    except PlaywrightTimeout:
+        last = page.evaluate("(id) => { const n = app.graph.getNodeById(id); return n && { label: n.tacaPlot?.label, "
+                             "drawCount: n.tacaPlot?.drawCount, feedback: n.tacaFeedback ?? null }; }", node_id)
+        pytest.fail(f"node {node_id}: no draw with {condition} (after draw {after}) in {timeout} ms; last drawn: {last}")
     return page.evaluate(bh.DRAWN_JS, node_id)
 
 
@@ -219,7 +227,7 @@ def test_workflow_templates_list_the_workflows_with_thumbnails(server):
             assert json.loads(r.read()) == load_json(name)
         with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-taca/{name}.jpg", timeout=30) as r:
             assert r.headers["Content-Type"] == "image/jpeg"
-            image = Image.open(__import__("io").BytesIO(r.read()))
+            image = Image.open(io.BytesIO(r.read()))
             assert image.format == "JPEG" and image.size == thumbnails.THUMB_SIZE
 
 
