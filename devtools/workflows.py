@@ -117,9 +117,10 @@ def compare_workflow(model_node, model_slot, clip, vae, prompt, negative, size, 
         g.connect(pos, 0, fg, "conditioning")
         pos = fg
     latent = g.add("EmptySD3LatentImage", [size, size, 1], (420, 400), (300, 110))
-    taca = g.add("TACAPatchModel", [1.2, 0.97, "exact"], (420, 560), (320, 200))
+    # Room under the TACA node for its schedule plot and run feedback (a wrapped warning included).
+    taca = g.add("TACAPatchModel", [1.2, 0.97, "exact"], (420, 560), (320, 310))
     g.connect(model_node, model_slot, taca, "model")
-    lora = g.add("TACALoraLoader", [lora_name, 1.0, "taca_steps"], (420, 800), (320, 130))
+    lora = g.add("TACALoraLoader", [lora_name, 1.0, "taca_steps"], (420, 910), (320, 130))
     g.connect(taca, 0, lora, "model")
     plain = _sampler(g, (model_node, model_slot), pos, neg, latent, (860, 140), steps, cfg, seed, "KSampler (without TACA)")
     with_taca = _sampler(g, (lora, 0), pos, neg, latent, (860, 560), steps, cfg, seed, "KSampler (with TACA)")
@@ -187,14 +188,14 @@ def gamma_sweep() -> Dict[str, Any]:
     images = []
     for i, gamma in enumerate((1.0, 1.15, 1.2, 1.25, 1.3)):
         x = 880 + i * 360
-        taca = g.add("TACAPatchModel", [gamma, 0.97, "exact"], (x, 40), (320, 200), f"TACA gamma {gamma}")
+        taca = g.add("TACAPatchModel", [gamma, 0.97, "exact"], (x, 40), (320, 310), f"TACA gamma {gamma}")
         g.connect(unet, 0, taca, "model")
-        ks = _sampler(g, (taca, 0), fg, neg, latent, (x, 280), 30, 1.0, 42, f"KSampler gamma {gamma}")
-        images.append(_decode(g, ks, (vae, 0), (x, 580)))
+        ks = _sampler(g, (taca, 0), fg, neg, latent, (x, 390), 30, 1.0, 42, f"KSampler gamma {gamma}")
+        images.append(_decode(g, ks, (vae, 0), (x, 690)))
     row = images[0]
     for i, img in enumerate(images[1:]):
-        row = _stitch(g, row, img, (880 + i * 360, 700))
-    save = g.add("SaveImage", ["taca/gamma_sweep"], (880, 900), (1400, 420), "gamma 1.0 | 1.15 | 1.2 | 1.25 | 1.3")
+        row = _stitch(g, row, img, (880 + i * 360, 810))
+    save = g.add("SaveImage", ["taca/gamma_sweep"], (880, 1010), (1400, 420), "gamma 1.0 | 1.15 | 1.2 | 1.25 | 1.3")
     g.connect(row, 0, save, "images")
     return g.to_json()
 
