@@ -142,6 +142,14 @@ class TacaAttentionOverride:
 
         gamma = self.settings.gamma
         mode = self.settings.mode
+        if mode == "exact":
+            # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
+            # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).
+            if seq_dim == 1:  # (B, N, H*D); SD3 passes v as (B, N, H, D)
+                q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+                params = dict(params, skip_reshape=True)
+                seq_dim = 2
+            k, v = k.contiguous(), v.contiguous()
         if mode == "exact" and out_seq_dim == 1:
             # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
             # groups straight into that layout (one copy, as the backend's own reshape would make).
