@@ -34,12 +34,12 @@ sys.path.pop(0)
 comfy_runtime.activate(cpu=True)
 
 import torch  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 
 from devtools import tiny_models as tm  # noqa: E402
+from devtools.host_reads import HostReadCounter  # noqa: E402
 from taca.attention import TextSpan  # noqa: E402
 from taca.patch import TacaAttentionOverride, TacaSettings  # noqa: E402
 
@@ -279,20 +279,6 @@ def bench_lora(nodes, rounds: int) -> None:
 
 # ---------------------------------------------------------------- syncs
 
-class HostReads(TorchFunctionMode):
-    READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
-             torch.Tensor.tolist}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 def bench_syncs(nodes) -> None:
     """Host reads per model call (slope over 2- and 6-step runs, cond+uncond batched) and per run."""
     from devtools.sampling import ksample
@@ -308,7 +294,7 @@ def bench_syncs(nodes) -> None:
         for variant, model in models.items():
             for steps in (2, 6):
                 ksample(model, tiny, steps=steps)
-                with HostReads() as counter:
+                with HostReadCounter() as counter:
                     ksample(model, tiny, steps=steps)
                 reads[variant, steps] = counter.reads
         for variant in models:

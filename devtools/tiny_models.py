@@ -99,6 +99,16 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.5 * torch.randn(b.shape, generator=g))
 
 
+def _random_patcher(model_config, dtype: torch.dtype, seed: int):
+    """(BaseModel, ModelPatcher) of a ComfyUI model config on the CPU, with seeded random weights."""
+    model_config.set_inference_dtype(dtype, None)
+    device = torch.device("cpu")
+    base = model_config.get_model({}, device=device)
+    _randomize(base.diffusion_model, seed)
+    base.eval()
+    return base, comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
 def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: str = "tiny") -> TinyModel:
     unet_config, latent_channels, text_tokens, extra = KINDS[kind]
     unet_config = dict(unet_config)
@@ -106,12 +116,7 @@ def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: st
         unet_config.update(BENCH_CONFIGS[kind])
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
     assert model_config is not None, f"ComfyUI found no model config for {kind}"
-    model_config.set_inference_dtype(dtype, None)
-    device = torch.device("cpu")
-    base = model_config.get_model({}, device=device)
-    _randomize(base.diffusion_model, seed)
-    base.eval()
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+    base, patcher = _random_patcher(model_config, dtype, seed)
     registers = int(getattr(base.diffusion_model, "register_length", 0) or 0)
     patch = int(unet_config.get("patch_size", 2))
     return TinyModel(kind, patcher, latent_channels, text_tokens, registers, patch, dict(extra))
@@ -254,13 +259,7 @@ FAMILY_KINDS = {
 def build_family(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     """A tiny random-weight model of one of FAMILY_KINDS, as a ComfyUI ModelPatcher."""
     spec = FAMILY_KINDS[kind]
-    model_config = spec.config_class(dict(spec.unet_config))
-    model_config.set_inference_dtype(dtype, None)
-    device = torch.device("cpu")
-    base = model_config.get_model({}, device=device)
-    _randomize(base.diffusion_model, seed)
-    base.eval()
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+    base, patcher = _random_patcher(spec.config_class(dict(spec.unet_config)), dtype, seed)
     patch = spec.unet_config.get("patch_size", 2)
     patch = int(patch[-1]) if isinstance(patch, (list, tuple)) else int(patch)
     return TinyModel(kind, patcher, spec.latent_shape[0], spec.text_tokens, 0, patch, dict(spec.extra_cond))

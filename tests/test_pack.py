@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from devtools import tiny_models as tm
 from conftest import COMFYUI, REPO
+from devtools.host_reads import HostReadCounter
 from devtools.sampling import ksample
 
 
@@ -30,22 +30,6 @@ def test_node_schema_inputs_in_order_with_tooltips(pack_nodes):
     for name, (_, options) in required.items():
         assert options.get("tooltip"), f"input {name} has no tooltip"
     assert info["output"] == ["MODEL"]
-
-
-class HostReadCounter(TorchFunctionMode):
-    """Counts tensor -> Python reads (each one a host-device synchronisation on a GPU)."""
-
-    READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
-             torch.Tensor.tolist}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 def host_reads(patcher, tiny, steps, start_step=None):
