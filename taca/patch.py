@@ -142,15 +142,19 @@ class TacaAttentionOverride:
 
         gamma = self.settings.gamma
         mode = self.settings.mode
-        if mode == "exact":
-            # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
-            # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).
-            if seq_dim == 1:  # (B, N, H*D); SD3 passes v as (B, N, H, D)
-                q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-                params = dict(params, skip_reshape=True)
-                seq_dim = 2
-            k, v = k.contiguous(), v.contiguous()
-        if mode == "exact" and out_seq_dim == 1:
+        if mode == "selective":
+            return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim)
+        # exact and flex work on (B, H, N, D); SD3 passes (B, N, H*D), with v as (B, N, H, D).
+        if seq_dim == 1:
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            params = dict(params, skip_reshape=True)
+            seq_dim = 2
+        if mode == "flex":
+            return self._flex(q, k, v, mask, out_seq_dim, span)
+        # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
+        # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).
+        k, v = k.contiguous(), v.contiguous()
+        if out_seq_dim == 1:
             # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
             # groups straight into that layout (one copy, as the backend's own reshape would make).
             def attend_heads(q_, k_, v_, mask_):
@@ -161,15 +165,10 @@ class TacaAttentionOverride:
                 return taca_attention.assemble_heads_as_tokens(parts, span.length)
             return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape
                 [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
-        if mode == "exact":
-            return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim)
-        if mode == "selective":
-            return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim)
-        return self._flex(q, k, v, heads, mask, seq_dim, out_seq_dim, params, span)
+        return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim)
 
-    def _flex(self, q, k, v, heads, mask, seq_dim, out_seq_dim, params, span: TextSpan) -> torch.Tensor:
-        if seq_dim == 1:  # (B, N, H*D) -> (B, H, N, D); SD3 passes v as (B, N, H, D)
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    def _flex(self, q, k, v, mask, out_seq_dim: int, span: TextSpan) -> torch.Tensor:
+        """q, k, v as (B, H, N, D)."""
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
         out = _FlexKernel.run(q, k, v, mask, span, self.settings.gamma)

@@ -37,7 +37,6 @@ class RunReport:
         self.attention_calls = 0
         self.untouched_attention_calls = 0
         self.acted_sigmas: List[float] = []
-        self.no_joint_calls = 0  # TACA-step model calls in which no attention call had the joint layout
 
     @property
     def sample_sigmas(self) -> List[float]:
@@ -59,10 +58,7 @@ class RunReport:
         self.acted_calls += 1
         self.attention_calls += joint_calls
         self.untouched_attention_calls += other_calls
-        if joint_calls == 0:
-            self.no_joint_calls += 1
-            return
-        if sigma not in self.acted_sigmas:
+        if joint_calls > 0 and sigma not in self.acted_sigmas:
             self.acted_sigmas.append(sigma)
 
     @property
