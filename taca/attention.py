@@ -68,11 +68,48 @@ def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
         raise ValueError(f"TACA: unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
 
+# Who may write into K, the caller's choice (see ``TextKeys``):
+#   "copy"     K is the caller's and must not change: scale a copy (one extra K-sized buffer);
+#   "owned"    K belongs to this attention call (a layout copy we made): scale its text part in place;
+#   "borrowed" K is the caller's but may change while we hold it: scale the text part in place and put the
+#              saved original back before returning (a text-sized buffer instead of a K-sized one).
+KEY_POLICIES: Tuple[str, ...] = ("copy", "owned", "borrowed")
+
+
 def scale_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int) -> torch.Tensor:
     """A copy of ``k`` whose text tokens are multiplied by gamma (the one extra K-sized buffer)."""
     scaled = k.clone()
     scaled.narrow(seq_dim, span.start, span.text_tokens).mul_(gamma)
     return scaled
+
+
+class TextKeys:
+    """Gives out K with its text tokens scaled by gamma, under one of ``KEY_POLICIES``.
+
+    ``scaled()`` returns the scaled keys; ``release()`` undoes a borrow (call it once
+    the backend is done with them).  Copying all of K costs more than the text part
+    alone, and a fresh K-sized allocation per call is not free on a CPU either.
+    """
+
+    def __init__(self, k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int, policy: str = "copy"):
+        if policy not in KEY_POLICIES:
+            raise ValueError(f"unknown key policy {policy!r}; one of {', '.join(KEY_POLICIES)}")
+        self.k, self.span, self.gamma, self.seq_dim, self.policy = k, span, gamma, seq_dim, policy
+        self.saved: Optional[torch.Tensor] = None
+
+    def scaled(self) -> torch.Tensor:
+        if self.policy == "copy":
+            return scale_text_keys(self.k, self.span, self.gamma, self.seq_dim)
+        text = self.k.narrow(self.seq_dim, self.span.start, self.span.text_tokens)
+        if self.policy == "borrowed":
+            self.saved = text.clone()
+        text.mul_(self.gamma)
+        return self.k
+
+    def release(self) -> None:
+        if self.saved is not None:
+            self.k.narrow(self.seq_dim, self.span.start, self.span.text_tokens).copy_(self.saved)
+            self.saved = None
 
 
 def mask_rows(mask: Optional[torch.Tensor], start: int, stop: int, n_query: int) -> Optional[torch.Tensor]:
@@ -102,28 +139,34 @@ def exact_attention_parts(
     span: TextSpan,
     gamma: float,
     seq_dim: int,
+    key_policy: str = "copy",
 ) -> RowParts:
     """Eq. 10 exactly, in two backend calls, returned as row groups (see ``assemble_rows``).
 
     Text-query rows see the original keys; visual-query rows see keys whose
     text part is multiplied by gamma, which multiplies exactly the logits
-    q_vis . k_txt / sqrt(d) by gamma before the backend adds the mask.
+    q_vis . k_txt / sqrt(d) by gamma before the backend adds the mask.  The
+    text rows go first, so with ``key_policy`` "owned" or "borrowed" the same
+    K can be scaled in place for the visual rows afterwards.
     """
     n_query = q.shape[seq_dim]
     if span.text_tokens == 0 or span.text_tokens == n_query:
         return [([(0, n_query)], attend(q, k, v, mask))]
     vis = span.visual_pieces()
-    k_scaled = scale_text_keys(k, span, gamma, seq_dim)
     out_text = attend(q.narrow(seq_dim, span.start, span.text_tokens), k, v,
                       mask_rows(mask, span.start, span.stop, n_query))
     if len(vis) == 1:
         a, b = vis[0]
-        out_vis = attend(q.narrow(seq_dim, a, b - a), k_scaled, v, mask_rows(mask, a, b, n_query))
+        q_vis, vis_mask = q.narrow(seq_dim, a, b - a), mask_rows(mask, a, b, n_query)
     else:
-        vis_mask = mask
+        q_vis, vis_mask = _gather(q, vis, seq_dim), mask
         if mask is not None and mask.ndim >= 2 and mask.shape[-2] == n_query:
             vis_mask = _gather(mask, vis, mask.ndim - 2)
-        out_vis = attend(_gather(q, vis, seq_dim), k_scaled, v, vis_mask)
+    keys = TextKeys(k, span, gamma, seq_dim, key_policy)
+    try:
+        out_vis = attend(q_vis, keys.scaled(), v, vis_mask)
+    finally:
+        keys.release()
     return [([(span.start, span.stop)], out_text), (vis, out_vis)]
 
 
@@ -171,9 +214,10 @@ def exact_attention(
     gamma: float,
     seq_dim: int,
     out_seq_dim: int,
+    key_policy: str = "copy",
 ) -> torch.Tensor:
     """Eq. 10 exactly: ``exact_attention_parts`` put back in sequence order."""
-    return assemble_rows(exact_attention_parts(attend, q, k, v, mask, span, gamma, seq_dim), out_seq_dim)
+    return assemble_rows(exact_attention_parts(attend, q, k, v, mask, span, gamma, seq_dim, key_policy), out_seq_dim)
 
 
 def selective_attention(
@@ -185,6 +229,7 @@ def selective_attention(
     span: TextSpan,
     gamma: float,
     seq_dim: int,
+    key_policy: str = "copy",
 ) -> torch.Tensor:
     """The paper's listing 2: text keys scaled for every query, one backend call.
 
@@ -193,7 +238,11 @@ def selective_attention(
     """
     if span.text_tokens == 0:
         return attend(q, k, v, mask)
-    return attend(q, scale_text_keys(k, span, gamma, seq_dim), v, mask)
+    keys = TextKeys(k, span, gamma, seq_dim, key_policy)
+    try:
+        return attend(q, keys.scaled(), v, mask)
+    finally:
+        keys.release()
 
 
 def flex_available() -> bool:

@@ -104,6 +104,29 @@ class _FlexKernel:
         return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=flex_attention)
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _may_borrow(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the caller's K may be scaled in place for the length of one backend call and then restored.
+
+    Not under torch.compile (the copy is functional and the compiler fuses it), not when autograd could see
+    the write, not for an inference tensor outside inference mode (PyTorch forbids it), and not when K
+    shares memory with q or v (a fused qkv view, or k passed as v), which the write would change too.
+    """
+    if _compiling() or (k.requires_grad and torch.is_grad_enabled()):
+        return False
+    if k.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    try:
+        storage = k.untyped_storage().data_ptr()
+        return storage not in (q.untyped_storage().data_ptr(), v.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without plain storage
+        return False
+
+
 class TacaAttentionOverride:
     """``transformer_options["optimized_attention_override"]`` for one TACA-active model call."""
 
@@ -143,7 +166,8 @@ class TacaAttentionOverride:
         gamma = self.settings.gamma
         mode = self.settings.mode
         if mode == "selective":
-            return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim)
+            policy = "borrowed" if k.is_contiguous() and _may_borrow(k, q, v) else "copy"
+            return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim, policy)
         # exact and flex work on (B, H, N, D); SD3 passes (B, N, H*D), with v as (B, N, H, D).
         if seq_dim == 1:
             q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
@@ -152,7 +176,14 @@ class TacaAttentionOverride:
         if mode == "flex":
             return self._flex(q, k, v, mask, out_seq_dim, span)
         # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
-        # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).
+        # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).  A K we
+        # had to copy for that is ours to scale in place; the caller's own K is borrowed when that is safe.
+        if not k.is_contiguous():
+            policy = "owned"
+        elif _may_borrow(k, q, v):
+            policy = "borrowed"
+        else:
+            policy = "copy"
         k, v = k.contiguous(), v.contiguous()
         if out_seq_dim == 1:
             # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
@@ -160,12 +191,12 @@ class TacaAttentionOverride:
             def attend_heads(q_, k_, v_, mask_):
                 return self._inner(func, (q_, k_, v_, heads), dict(params, mask=mask_, skip_output_reshape=True))
 
-            parts = taca_attention.exact_attention_parts(attend_heads, q, k, v, mask, span, gamma, seq_dim)
+            parts = taca_attention.exact_attention_parts(attend_heads, q, k, v, mask, span, gamma, seq_dim, policy)
             if all(part.ndim == 4 for _, part in parts):
                 return taca_attention.assemble_heads_as_tokens(parts, span.length)
             return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape
                 [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
-        return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim)
+        return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim, policy)
 
     def _flex(self, q, k, v, mask, out_seq_dim: int, span: TextSpan) -> torch.Tensor:
         """q, k, v as (B, H, N, D)."""

@@ -215,3 +215,70 @@ def test_row_groups_written_straight_into_the_token_layout(span):
     assert out.shape == (2, 39, heads * 16) and out.is_contiguous()
     ref = taca_reference(q, k, v, span.start, span.stop, GAMMA)
     assert max_row_rel_err(from_bn_hd(out, heads), ref) <= 1e-5
+
+
+KEY_SPANS = [TextSpan.text_first(9, 39), TextSpan.text_last(9, 39), TextSpan(12, 21, 39)]
+
+
+@pytest.mark.parametrize("policy", ["owned", "borrowed"])
+@pytest.mark.parametrize("span", KEY_SPANS)
+@pytest.mark.parametrize("mask_kind", [None, "additive"])
+def test_in_place_key_policies_equal_the_copy_bit_for_bit(policy, span, mask_kind):
+    """Scaling K in place after the text rows gives the same bits as scaling a copy, and matches eq. 10."""
+    q, k, v = make_inputs(9, 30, torch.float32)
+    mask = make_mask(mask_kind, 2, 3, 39)
+    copied = taca_attention.exact_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, 2, "copy")
+    in_place = taca_attention.exact_attention(sdpa_bhnd, q, k.clone(), v, mask, span, GAMMA, 2, 2, policy)
+    assert torch.equal(in_place, copied)
+    ref = taca_reference(q, k, v, span.start, span.stop, GAMMA, mask)
+    assert max_row_rel_err(in_place, ref) <= 1e-5
+    sel_copy = taca_attention.selective_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, "copy")
+    sel = taca_attention.selective_attention(sdpa_bhnd, q, k.clone(), v, mask, span, GAMMA, 2, policy)
+    assert torch.equal(sel, sel_copy)
+
+
+def keys_seen_by(backend):
+    seen = []
+
+    def attend(q, k, v, mask):
+        seen.append(k.clone())
+        return backend(q, k, v, mask)
+
+    return attend, seen
+
+
+@pytest.mark.parametrize("span", KEY_SPANS)
+def test_borrowed_keys_are_scaled_only_for_the_visual_rows_and_given_back(span):
+    q, k, v = make_inputs(9, 30, torch.float32)
+    k_before = k.clone()
+    attend, seen = keys_seen_by(sdpa_bhnd)
+    taca_attention.exact_attention(attend, q, k, v, None, span, GAMMA, 2, 2, "borrowed")
+    assert torch.equal(k, k_before)
+    assert torch.equal(seen[0], k_before)  # text rows: the original keys
+    expected = k_before.clone()
+    expected[:, :, span.start:span.stop] *= GAMMA
+    assert torch.equal(seen[1], expected)  # visual rows: text keys times gamma
+    taca_attention.selective_attention(sdpa_bhnd, q, k, v, None, span, GAMMA, 2, "borrowed")
+    assert torch.equal(k, k_before)
+
+
+def test_borrowed_keys_are_given_back_when_the_backend_fails():
+    q, k, v = make_inputs(9, 30, torch.float32)
+    k_before = k.clone()
+    calls = []
+
+    def failing(q_, k_, v_, mask_):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("backend out of memory")
+        return sdpa_bhnd(q_, k_, v_, mask_)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        taca_attention.exact_attention(failing, q, k, v, None, TextSpan.text_first(9, 39), GAMMA, 2, 2, "borrowed")
+    assert torch.equal(k, k_before)
+
+
+def test_unknown_key_policy_is_refused():
+    q, k, v = make_inputs(9, 30, torch.float32)
+    with pytest.raises(ValueError, match="key policy"):
+        taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, TextSpan.text_first(9, 39), GAMMA, 2, 2, "steal")
