@@ -28,6 +28,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import patch
+from .report import running_server
 
 log = logging.getLogger("comfyui-taca")
 
@@ -127,14 +128,13 @@ def notify_node(node_id: Optional[str], text: str) -> None:
     """Show ``text`` on the node in the frontend, when a ComfyUI server is running."""
     if node_id is None:
         return
+    server = running_server()
+    if server is None or not hasattr(server, "send_progress_text"):
+        return  # no server (scripts, tests) or an older server: the log line suffices
     try:
-        from server import PromptServer
-
-        server = getattr(PromptServer, "instance", None)
-        if server is not None and hasattr(server, "send_progress_text"):
-            server.send_progress_text(text, node_id)
-    except Exception:  # no server (scripts, tests) or an older frontend protocol: the log line suffices
-        pass
+        server.send_progress_text(text, node_id)
+    except Exception as err:  # a notice must never fail the run
+        log.debug("TACA LoRA notice not sent: %s", err)
 
 
 class LoraMatch(NamedTuple):

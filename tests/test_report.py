@@ -48,3 +48,28 @@ def test_report_warns_when_gamma_is_one(pack_nodes, caplog):
     with caplog.at_level(logging.INFO, logger="comfyui-taca"):
         ksample(taca(pack_nodes, tiny.patcher, gamma=1.0), tiny, steps=4)
     assert "gamma is 1.0" in last_report(caplog)
+
+
+class ImportRecorder:
+    """A meta-path finder that only records which top-level modules something tried to import."""
+
+    def __init__(self):
+        self.names = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.names.append(name)
+        return None
+
+
+def test_report_without_a_server_does_not_try_to_import_one(pack_nodes, monkeypatch):
+    """In a script there is no ComfyUI server: the report must not attempt `import server` per run
+    (it fails part-way there and recompiled server.py on every run, 21 ms each)."""
+    import sys
+
+    tiny = tm.build("flux")
+    model = taca(pack_nodes, tiny.patcher)
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    recorder = ImportRecorder()
+    monkeypatch.setattr(sys, "meta_path", [recorder] + sys.meta_path)
+    ksample(model, tiny, steps=2)
+    assert "server" not in recorder.names
