@@ -40,7 +40,7 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 
 from devtools import tiny_models as tm  # noqa: E402
 from devtools.host_reads import HostReadCounter  # noqa: E402
-from taca.attention import TextSpan  # noqa: E402
+from taca.attention import TextSpan, assemble_heads_as_tokens  # noqa: E402
 from taca.patch import TacaAttentionOverride, TacaSettings  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,31 +52,50 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(variants: Dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> Dict[str, List[float]]:
-    """Seconds per call of each variant, one sample per round, variant order rotated every round."""
+Timings = Tuple[Dict[str, List[float]], Dict[str, List[float]]]
+
+
+def interleaved(variants: Dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> Timings:
+    """Seconds per call of each variant, taken next to a sample of the baseline (the first variant).
+
+    Each round times every other variant right beside one baseline sample (baseline first in even rounds,
+    second in odd ones), rotating which variant goes first.  A machine that drifts by several percent over
+    seconds then moves both samples of a pair alike.  Returns (samples per variant, the baseline sample
+    next to each of those samples).
+    """
     names = list(variants)
+    base, others = names[0], names[1:]
     for fn in variants.values():  # warm-up
         fn()
     sync()
+
+    def timed(name: str) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(inner):
+            variants[name]()
+        sync()
+        return (time.perf_counter() - start) / inner
+
     times: Dict[str, List[float]] = {n: [] for n in names}
+    neighbours: Dict[str, List[float]] = {n: [] for n in others}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            sync()
-            start = time.perf_counter()
-            for _ in range(inner):
-                variants[name]()
-            sync()
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
+        for name in others[r % len(others):] + others[:r % len(others)]:
+            for current in ((base, name) if r % 2 == 0 else (name, base)):
+                t = timed(current)
+                times[current].append(t)
+                if current == base:
+                    neighbours[name].append(t)
+    return times, neighbours
 
 
-def report(section: str, case: str, times: Dict[str, List[float]], baseline: str, note: str = "") -> None:
-    """Paired ratio per round (median, min-max) and best-over-best: the fastest round of the variant over the
-    fastest of the baseline, which background load that slows some rounds cannot inflate."""
+def report(section: str, case: str, measured: Timings, baseline: str, note: str = "") -> None:
+    """Paired ratio to the neighbouring baseline sample (median, min-max) and best-over-best: the fastest
+    sample of the variant over the fastest of the baseline, which load that slows some rounds cannot inflate."""
+    times, neighbours = measured
     base = times[baseline]
     for name, samples in times.items():
-        ratios = [t / b for t, b in zip(samples, base)]
+        ratios = [t / b for t, b in zip(samples, neighbours[name])] if name != baseline else [1.0]
         ROWS.append((section, case, name, f"{statistics.median(samples) * 1e3:.2f}",
                      f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}",
                      f"{statistics.median(ratios):.3f}x", f"{min(ratios):.3f}-{max(ratios):.3f}",
@@ -109,27 +128,51 @@ def attention_variants(backend, q, k, v, heads, mask, skip_reshape, span) -> Dic
         options = {} if override is None else {"optimized_attention_override": override}
         return lambda: backend(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, transformer_options=options)
 
-    return {"plain": call(None), "exact": call("exact"), "selective": call("selective"), "flex": call("flex")}
+    return {"plain": call(None), "exact": call("exact"), "selective": call("selective"), "flex": call("flex"),
+            "two calls, no TACA": split_floor(backend, q, k, v, heads, mask, skip_reshape, span)}
 
 
-# (label, heads, head dim, text tokens, image tokens or None for the default, dtype, mask, modes, backends)
+def split_floor(backend, q, k, v, heads, mask, skip_reshape, span) -> Callable[[], object]:
+    """The text rows and the visual rows in two backend calls with the same, unscaled keys, written into one
+    (B, N, H*D) output: what splitting the rows alone costs this backend, with none of TACA's arithmetic.
+    ``exact`` cannot be cheaper than this on a backend that takes one K per call."""
+    def run():
+        q4, k4, v4 = q, k, v
+        if not skip_reshape:
+            q4, k4, v4 = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            k4, v4 = k4.contiguous(), v4.contiguous()
+        n = q4.shape[2]
+        parts = []
+        for a, b in ((span.start, span.stop), (span.stop, n)):
+            rows_mask = None if mask is None else mask[..., a:b, :]
+            parts.append(([(a, b)], backend(q4[:, :, a:b], k4, v4, heads, mask=rows_mask, skip_reshape=True,
+                                            skip_output_reshape=True)))
+        return assemble_heads_as_tokens(parts, n)
+
+    return run
+
+
+# (label, heads, head dim, text tokens, image tokens or None for the default, dtype, mask, modes)
 ATTENTION_CASES = [
-    ("FLUX-like", 24, 128, 512, None, torch.float32, False, ("exact", "selective", "flex"), ("pytorch", "comfy")),
-    ("FLUX-like", 24, 128, 512, None, torch.float32, True, ("exact", "selective", "flex"), ("pytorch",)),
-    ("FLUX-like", 24, 128, 512, None, torch.bfloat16, False, ("exact", "selective", "flex"), ("pytorch",)),
-    ("FLUX-like", 24, 128, 512, None, torch.bfloat16, True, ("exact", "selective"), ("pytorch",)),
-    ("FLUX-like", 24, 128, 512, 4096, torch.float32, False, ("exact", "selective"), ("pytorch",)),
-    ("SD3-like", 24, 64, 154, None, torch.float32, False, ("exact", "selective", "flex"), ("pytorch",)),
-    ("SD3-like", 24, 64, 154, None, torch.float32, True, ("exact", "selective"), ("pytorch",)),
-    ("SD3-like", 24, 64, 154, None, torch.bfloat16, False, ("exact", "selective"), ("pytorch",)),
+    ("FLUX-like", 24, 128, 512, None, torch.float32, False, ("exact", "selective", "flex")),
+    ("FLUX-like", 24, 128, 512, None, torch.float32, True, ("exact", "selective", "flex")),
+    ("FLUX-like", 24, 128, 512, None, torch.bfloat16, False, ("exact", "selective", "flex")),
+    ("FLUX-like", 24, 128, 512, None, torch.bfloat16, True, ("exact", "selective")),
+    ("FLUX-like", 24, 128, 512, 4096, torch.float32, False, ("exact", "selective")),
+    ("SD3-like", 24, 64, 154, None, torch.float32, False, ("exact", "selective", "flex")),
+    ("SD3-like", 24, 64, 154, None, torch.float32, True, ("exact", "selective")),
+    ("SD3-like", 24, 64, 154, None, torch.bfloat16, False, ("exact", "selective")),
 ]
 
 
 def bench_attention(rounds: int) -> None:
+    """Every case on ComfyUI's selected attention (what a ComfyUI user on this machine runs) and on PyTorch SDPA
+    (ComfyUI's choice on most GPUs, and with --use-pytorch-cross-attention)."""
     default_image = 4096 if DEVICE.type == "cuda" else 1024
-    backends = {"pytorch": ("pytorch-sdpa", comfy_attention.attention_pytorch),
-                "comfy": ("comfy:" + comfy_attention.optimized_attention.__name__, comfy_attention.optimized_attention)}
-    for label, heads, dim, text, image, dtype, with_mask, modes, backend_keys in ATTENTION_CASES:
+    backends = [("comfy:" + comfy_attention.optimized_attention.__name__, comfy_attention.optimized_attention)]
+    if comfy_attention.optimized_attention is not comfy_attention.attention_pytorch:
+        backends.append(("pytorch-sdpa", comfy_attention.attention_pytorch))
+    for label, heads, dim, text, image, dtype, with_mask, modes in ATTENTION_CASES:
         image = image or default_image
         skip_reshape = label.startswith("FLUX")  # FLUX passes (B, H, N, D); SD3 passes (B, N, H*D)
         q, k, v = attention_inputs(heads, dim, text, image, dtype, skip_reshape)
@@ -139,8 +182,7 @@ def bench_attention(rounds: int) -> None:
             mask = torch.zeros(1, 1, n, n, device=DEVICE, dtype=dtype)
             mask[..., text - 16:text] = -10000.0
         span = TextSpan.text_first(text, n)
-        for key in backend_keys:
-            backend_name, backend = backends[key]
+        for backend_name, backend in backends:
             every = attention_variants(backend, q, k, v, heads, mask, skip_reshape, span)
             variants = {"plain": every["plain"]}
             note = ""
@@ -151,6 +193,7 @@ def bench_attention(rounds: int) -> None:
                     sync()
                     note = f"flex first call (compile) {time.perf_counter() - start:.1f}s"
                 variants[mode] = every[mode]
+            variants["two calls, no TACA"] = every["two calls, no TACA"]
             case = (f"{label} {heads}x{dim} text {text} image {image} {str(dtype)[6:]}"
                     f"{' +mask' if with_mask else ''} [{backend_name}]")
             inner = 1 if n > 3000 else 2
@@ -193,6 +236,7 @@ def bench_memory() -> None:
         peaks = {}
         variants = attention_variants(comfy_attention.attention_pytorch, q, k, v, heads, None, True, span)
         variants.pop("flex")  # a compiled higher-order op: invisible to dispatch-level tracking
+        variants.pop("two calls, no TACA")
         for name, fn in variants.items():
             fn()
             with LiveBytes() as tracker:
@@ -245,7 +289,16 @@ def bench_lora_file(tiny) -> str:
 
 
 def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
-    from devtools.sampling import ksample
+    """Whole 30-step runs, measured directly, and composed from per-call costs.
+
+    A whole run takes seconds, and this kind of machine drifts by several percent over seconds, so the direct
+    paired ratio of whole runs cannot resolve 1%.  One model call takes ~0.1 s; its paired difference to the
+    unpatched model, measured in a TACA step and in a non-TACA step over many interleaved rounds, composes the
+    run: (taca_steps * d_taca + other_steps * d_other) / unpatched run time.  Each one-call measurement is a
+    one-step run, so its difference also holds the per-run cost once: the composition counts that per step,
+    an upper bound.
+    """
+    from devtools.sampling import ksample, schedule
 
     tiny = bench_model()
     lora = bench_lora_file(tiny)
@@ -260,9 +313,28 @@ def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
     }
     h, w = tm.BENCH_LATENT[tiny.kind]
     fns = {name: (lambda m=m: ksample(m, tiny, steps=steps, cfg=1.0, height=h, width=w)) for name, m in variants.items()}
-    times = interleaved(fns, rounds)
-    report("sampling", f"small FLUX-like model, {steps} steps euler/simple, threshold 0.97 (3 TACA steps)", times,
-           "unpatched")
+    runs = interleaved(fns, rounds)
+    sigmas = schedule(tiny.patcher, steps)[:-1]
+    taca_steps = int((sigmas >= 0.97).sum())
+    case = f"small FLUX-like model, {steps} steps euler/simple, threshold 0.97 ({taca_steps} TACA steps)"
+    report("sampling", case + ", whole runs", runs, "unpatched")
+
+    call_rounds = max(15, 2 * rounds)
+    deltas = {}
+    for sigma in (1.0, 0.5):
+        calls, next_to = interleaved({name: one_call(m, tiny, sigma) for name, m in variants.items()},
+                                     call_rounds, inner=2)
+        deltas[sigma] = {name: statistics.median([t - b for t, b in zip(calls[name], next_to[name])])
+                         for name in next_to}
+    run_time = statistics.median(runs[0]["unpatched"])
+    for name in variants:
+        if name == "unpatched":
+            continue
+        added = taca_steps * deltas[1.0][name] + (steps - taca_steps) * deltas[0.5][name]
+        ROWS.append(("sampling", case + ", composed from per-call costs", name, f"{run_time * 1e3 + added * 1e3:.2f}",
+                     "", f"{1 + added / run_time:.4f}x", "", "",
+                     f"per call: TACA step {deltas[1.0][name] * 1e3:+.2f} ms, other step {deltas[0.5][name] * 1e3:+.2f} ms "
+                     f"(paired medians of {call_rounds} rounds, upper bound); unpatched run {run_time * 1e3:.0f} ms"))
 
 
 def bench_lora(nodes, rounds: int) -> None:
