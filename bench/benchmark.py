@@ -56,12 +56,13 @@ Timings = Tuple[Dict[str, List[float]], Dict[str, List[float]]]
 
 
 def interleaved(variants: Dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> Timings:
-    """Seconds per call of each variant, taken next to a sample of the baseline (the first variant).
+    """Seconds per call of each variant, each sample taken right beside a sample of the baseline (the first
+    variant).
 
-    Each round times every other variant right beside one baseline sample (baseline first in even rounds,
-    second in odd ones), rotating which variant goes first.  A machine that drifts by several percent over
-    seconds then moves both samples of a pair alike.  Returns (samples per variant, the baseline sample
-    next to each of those samples).
+    In every round each other variant is paired with the baseline: the two run alternately ``inner`` times
+    each (baseline first in even rounds, second in odd ones) and each keeps its fastest time.  Drift over
+    seconds then moves both samples of a pair alike, and a burst of load that slows one call is dropped.
+    Returns (samples per variant, the baseline sample paired with each of those samples).
     """
     names = list(variants)
     base, others = names[0], names[1:]
@@ -72,20 +73,23 @@ def interleaved(variants: Dict[str, Callable[[], object]], rounds: int, inner: i
     def timed(name: str) -> float:
         sync()
         start = time.perf_counter()
-        for _ in range(inner):
-            variants[name]()
+        variants[name]()
         sync()
-        return (time.perf_counter() - start) / inner
+        return time.perf_counter() - start
 
     times: Dict[str, List[float]] = {n: [] for n in names}
     neighbours: Dict[str, List[float]] = {n: [] for n in others}
     for r in range(rounds):
         for name in others[r % len(others):] + others[:r % len(others)]:
-            for current in ((base, name) if r % 2 == 0 else (name, base)):
-                t = timed(current)
-                times[current].append(t)
-                if current == base:
-                    neighbours[name].append(t)
+            pair = (base, name) if r % 2 == 0 else (name, base)
+            samples: Dict[str, List[float]] = {n: [] for n in pair}
+            for _ in range(inner):
+                for n in pair:
+                    samples[n].append(timed(n))
+            best = {n: min(v) for n, v in samples.items()}
+            times[name].append(best[name])
+            times[base].append(best[base])
+            neighbours[name].append(best[base])
     return times, neighbours
 
 
@@ -165,7 +169,7 @@ ATTENTION_CASES = [
 ]
 
 
-def bench_attention(rounds: int) -> None:
+def bench_attention(rounds: int, only: str = "") -> None:
     """Every case on ComfyUI's selected attention (what a ComfyUI user on this machine runs) and on PyTorch SDPA
     (ComfyUI's choice on most GPUs, and with --use-pytorch-cross-attention)."""
     default_image = 4096 if DEVICE.type == "cuda" else 1024
@@ -183,6 +187,10 @@ def bench_attention(rounds: int) -> None:
             mask[..., text - 16:text] = -10000.0
         span = TextSpan.text_first(text, n)
         for backend_name, backend in backends:
+            case = (f"{label} {heads}x{dim} text {text} image {image} {str(dtype)[6:]}"
+                    f"{' +mask' if with_mask else ''} [{backend_name}]")
+            if only and only not in case:
+                continue
             every = attention_variants(backend, q, k, v, heads, mask, skip_reshape, span)
             variants = {"plain": every["plain"]}
             note = ""
@@ -194,9 +202,7 @@ def bench_attention(rounds: int) -> None:
                     note = f"flex first call (compile) {time.perf_counter() - start:.1f}s"
                 variants[mode] = every[mode]
             variants["two calls, no TACA"] = every["two calls, no TACA"]
-            case = (f"{label} {heads}x{dim} text {text} image {image} {str(dtype)[6:]}"
-                    f"{' +mask' if with_mask else ''} [{backend_name}]")
-            inner = 1 if n > 3000 else 2
+            inner = 2 if n > 3000 else 3
             report("attention", case, interleaved(variants, rounds, inner=inner), "plain", note)
 
 
@@ -408,6 +414,7 @@ def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement")
+    parser.add_argument("--cases", default="", help="only the attention cases whose label contains this text")
     args = parser.parse_args(argv or None)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     torch.manual_seed(0)
@@ -417,7 +424,7 @@ def main(argv: Sequence[str] = ()) -> None:
           + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")
           + f", torch threads {torch.get_num_threads()}, rounds {args.repeats}")
     runs = {
-        "attention": lambda: bench_attention(args.repeats),
+        "attention": lambda: bench_attention(args.repeats, args.cases),
         "memory": bench_memory,
         "sampling": lambda: bench_sampling(nodes, max(3, args.repeats // 2)),
         "lora": lambda: bench_lora(nodes, args.repeats),
