@@ -1,19 +1,22 @@
-"""TACA cost against plain attention: one process, variants interleaved, paired ratios.
+"""TACA cost against plain attention: one process, every variant paired with a baseline sample beside it.
 
-    .runtime/venv/bin/python bench/benchmark.py                 # every section
+    .runtime/venv/bin/python bench/benchmark.py                 # every section (about 25 min on 2 cores)
     .runtime/venv/bin/python bench/benchmark.py --sections sampling,lora --repeats 5
+    .runtime/venv/bin/python bench/benchmark.py --sections attention --cases "image 1024" --repeats 15
 
 Sections
-  attention  one attention call at FLUX-like and SD3-like shapes, fp32 / bf16, with and without a mask:
-             plain (ComfyUI's selected backend, and PyTorch SDPA) against exact, selective, flex
+  attention  one attention call at FLUX-like and SD3-like shapes, fp32 / bf16, with and without a mask, on
+             ComfyUI's selected attention and on PyTorch SDPA: plain against exact, selective, flex, and the
+             bare two-call split ("two calls, no TACA") that exact cannot undercut
   memory     peak memory of one call over plain attention, in units of one K tensor
-  sampling   whole 30-step sampling of a small FLUX-like model through ComfyUI's sampler
+  sampling   whole 30-step sampling of a small FLUX-like model through ComfyUI's sampler, measured whole and
+             composed from per-call costs
   lora       one model call with the TACA LoRA, in a TACA step and in a non-TACA step
   syncs      host reads (host-device synchronisations on a GPU) per model call
   compile    the patched model under ComfyUI's TorchCompileModel (inductor)
 
-Each variant is timed once per round, rounds rotate the order so machine noise hits all alike;
-ratios are taken within a round (paired) and summarised by their median and min-max.
+Each variant alternates with the baseline a few times per round, each keeping its fastest time; ratios are
+taken within the pair and summarised by their median and min-max over rounds (see ``interleaved``).
 """
 
 from __future__ import annotations
