@@ -13,8 +13,9 @@ their meaning.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,7 +69,7 @@ def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
         raise ValueError(f"TACA: unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
 
-# Who may write into K, the caller's choice (see ``TextKeys``):
+# Who may write into K, the caller's choice (see ``scaled_text_keys``):
 #   "copy"     K is the caller's and must not change: scale a copy (one extra K-sized buffer);
 #   "owned"    K belongs to this attention call (a layout copy we made): scale its text part in place;
 #   "borrowed" K is the caller's but may change while we hold it: scale the text part in place and put the
@@ -83,33 +84,28 @@ def scale_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int)
     return scaled
 
 
-class TextKeys:
-    """Gives out K with its text tokens scaled by gamma, under one of ``KEY_POLICIES``.
+@contextlib.contextmanager
+def scaled_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int,
+                     policy: str = "copy") -> Iterator[torch.Tensor]:
+    """K with its text tokens multiplied by gamma, for the ``with`` block, under one of ``KEY_POLICIES``.
 
-    ``scaled()`` returns the scaled keys; ``release()`` undoes a borrow (call it once
-    the backend is done with them).  Copying all of K costs more than the text part
-    alone, and a fresh K-sized allocation per call is not free on a CPU either.
+    A borrowed K gets its original text part back when the block ends, also on an error.  Copying all
+    of K costs more than the text part alone, and a fresh K-sized allocation per call is not free on
+    a CPU either.
     """
-
-    def __init__(self, k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int, policy: str = "copy"):
-        if policy not in KEY_POLICIES:
-            raise ValueError(f"unknown key policy {policy!r}; one of {', '.join(KEY_POLICIES)}")
-        self.k, self.span, self.gamma, self.seq_dim, self.policy = k, span, gamma, seq_dim, policy
-        self.saved: Optional[torch.Tensor] = None
-
-    def scaled(self) -> torch.Tensor:
-        if self.policy == "copy":
-            return scale_text_keys(self.k, self.span, self.gamma, self.seq_dim)
-        text = self.k.narrow(self.seq_dim, self.span.start, self.span.text_tokens)
-        if self.policy == "borrowed":
-            self.saved = text.clone()
-        text.mul_(self.gamma)
-        return self.k
-
-    def release(self) -> None:
-        if self.saved is not None:
-            self.k.narrow(self.seq_dim, self.span.start, self.span.text_tokens).copy_(self.saved)
-            self.saved = None
+    if policy not in KEY_POLICIES:
+        raise ValueError(f"unknown key policy {policy!r}; one of {', '.join(KEY_POLICIES)}")
+    if policy == "copy":
+        yield scale_text_keys(k, span, gamma, seq_dim)
+        return
+    text = k.narrow(seq_dim, span.start, span.text_tokens)
+    saved = text.clone() if policy == "borrowed" else None
+    text.mul_(gamma)
+    try:
+        yield k
+    finally:
+        if saved is not None:
+            text.copy_(saved)
 
 
 def mask_rows(mask: Optional[torch.Tensor], start: int, stop: int, n_query: int) -> Optional[torch.Tensor]:
@@ -162,11 +158,8 @@ def exact_attention_parts(
         q_vis, vis_mask = _gather(q, vis, seq_dim), mask
         if mask is not None and mask.ndim >= 2 and mask.shape[-2] == n_query:
             vis_mask = _gather(mask, vis, mask.ndim - 2)
-    keys = TextKeys(k, span, gamma, seq_dim, key_policy)
-    try:
-        out_vis = attend(q_vis, keys.scaled(), v, vis_mask)
-    finally:
-        keys.release()
+    with scaled_text_keys(k, span, gamma, seq_dim, key_policy) as k_scaled:
+        out_vis = attend(q_vis, k_scaled, v, vis_mask)
     return [([(span.start, span.stop)], out_text), (vis, out_vis)]
 
 
@@ -238,11 +231,8 @@ def selective_attention(
     """
     if span.text_tokens == 0:
         return attend(q, k, v, mask)
-    keys = TextKeys(k, span, gamma, seq_dim, key_policy)
-    try:
-        return attend(q, keys.scaled(), v, mask)
-    finally:
-        keys.release()
+    with scaled_text_keys(k, span, gamma, seq_dim, key_policy) as k_scaled:
+        return attend(q, k_scaled, v, mask)
 
 
 def flex_available() -> bool:

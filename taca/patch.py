@@ -113,10 +113,11 @@ def _may_borrow(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the caller's K may be scaled in place for the length of one backend call and then restored.
 
     Not under torch.compile (the copy is functional and the compiler fuses it), not when autograd could see
-    the write, not for an inference tensor outside inference mode (PyTorch forbids it), and not when K
-    shares memory with q or v (a fused qkv view, or k passed as v), which the write would change too.
+    the write, not for an inference tensor outside inference mode (PyTorch forbids it), not for a K that is
+    not contiguous (an expanded view repeats memory), and not when K shares memory with q or v (a fused
+    qkv view, or k passed as v), which the write would change too.
     """
-    if _compiling() or (k.requires_grad and torch.is_grad_enabled()):
+    if _compiling() or (k.requires_grad and torch.is_grad_enabled()) or not k.is_contiguous():
         return False
     if k.is_inference() and not torch.is_inference_mode_enabled():
         return False
@@ -166,7 +167,7 @@ class TacaAttentionOverride:
         gamma = self.settings.gamma
         mode = self.settings.mode
         if mode == "selective":
-            policy = "borrowed" if k.is_contiguous() and _may_borrow(k, q, v) else "copy"
+            policy = "borrowed" if _may_borrow(k, q, v) else "copy"
             return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim, policy)
         # exact and flex work on (B, H, N, D); SD3 passes (B, N, H*D), with v as (B, N, H, D).
         if seq_dim == 1:
