@@ -271,8 +271,11 @@ def one_call(patcher, tiny, sigma):
     return lambda: one_step(patcher, pos, neg, latent, sigma=sigma, cfg=1.0)
 
 
+THRESHOLD = 0.97  # the node's default threshold_sigma
+
+
 def patched(nodes, model, mode="exact"):
-    return nodes["TACAPatchModel"].execute(model=model, gamma=1.2, threshold_sigma=0.97, mode=mode).result[0]
+    return nodes["TACAPatchModel"].execute(model=model, gamma=1.2, threshold_sigma=THRESHOLD, mode=mode).result[0]
 
 
 def with_lora(nodes, model, name, active):
@@ -300,6 +303,29 @@ def bench_lora_file(tiny) -> str:
 WORKS_EVERY_STEP = {"exact + LoRA all_steps"}
 
 
+def taca_step_count(patcher, steps: int) -> int:
+    from devtools.sampling import schedule
+
+    return int((schedule(patcher, steps)[:-1] >= THRESHOLD).sum())
+
+
+def per_call_deltas(variants, tiny, sigma: float, rounds: int) -> Dict[str, float]:
+    """Paired median seconds each variant adds to one model call at ``sigma`` (the first variant is the
+    baseline).  A one-call measurement is a one-step run: the difference holds that run's setup once."""
+    calls, next_to = interleaved({name: one_call(m, tiny, sigma) for name, m in variants.items()}, rounds, inner=2)
+    return {name: statistics.median([t - b for t, b in zip(calls[name], next_to[name])]) for name in next_to}
+
+
+def composed_row(section: str, case: str, name: str, run_time: float, steps: int, taca_steps: int,
+                 taca_call: float, other_call: float, note: str) -> None:
+    """A whole run composed from per-call costs: (taca_steps * taca_call + other steps * other_call) / run."""
+    added = taca_steps * taca_call + (steps - taca_steps) * other_call
+    ROWS.append((section, case + ", composed from per-call costs", name, f"{(run_time + added) * 1e3:.2f}", "",
+                 f"{1 + added / run_time:.4f}x", "", "",
+                 f"TACA step {taca_call * 1e3:+.2f} ms per call (incl. one run's setup: an upper bound); {note}; "
+                 f"baseline run {run_time * 1e3:.0f} ms"))
+
+
 def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
     """Whole 30-step runs, measured directly, and composed from per-call costs.
 
@@ -310,7 +336,7 @@ def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
     one-step run, so its difference also holds the per-run cost once: the composition counts that per step,
     an upper bound.
     """
-    from devtools.sampling import ksample, schedule
+    from devtools.sampling import ksample
 
     tiny = bench_model()
     lora = bench_lora_file(tiny)
@@ -326,35 +352,24 @@ def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
     h, w = tm.BENCH_LATENT[tiny.kind]
     fns = {name: (lambda m=m: ksample(m, tiny, steps=steps, cfg=1.0, height=h, width=w)) for name, m in variants.items()}
     runs = interleaved(fns, rounds)
-    sigmas = schedule(tiny.patcher, steps)[:-1]
-    taca_steps = int((sigmas >= 0.97).sum())
-    case = f"small FLUX-like model, {steps} steps euler/simple, threshold 0.97 ({taca_steps} TACA steps)"
+    taca_steps = taca_step_count(tiny.patcher, steps)
+    case = f"small FLUX-like model, {steps} steps euler/simple, threshold {THRESHOLD} ({taca_steps} TACA steps)"
     report("sampling", case + ", whole runs", runs, "unpatched")
 
     call_rounds = max(15, 2 * rounds)
     passthrough = {name: wrapper_passthrough_seconds(m) for name, m in variants.items()}
-    deltas = {}
-    for sigma in (1.0, 0.5):
-        calls, next_to = interleaved({name: one_call(m, tiny, sigma) for name, m in variants.items()},
-                                     call_rounds, inner=2)
-        deltas[sigma] = {name: statistics.median([t - b for t, b in zip(calls[name], next_to[name])])
-                         for name in next_to}
+    deltas = {sigma: per_call_deltas(variants, tiny, sigma, call_rounds) for sigma in (1.0, 0.5)}
     run_time = statistics.median(runs[0]["unpatched"])
-    for name in variants:
-        if name == "unpatched":
-            continue
+    for name in deltas[1.0]:
         if name in WORKS_EVERY_STEP:  # the LoRA acts in every step: its other steps are measured whole
             other = deltas[0.5][name]
-            other_note = f"other steps {other * 1e3:+.2f} ms per call (measured whole)"
+            note = f"other steps {other * 1e3:+.2f} ms per call (measured whole)"
         else:  # only the wrappers run in the other steps: their pass-through cost, measured alone
             other = passthrough[name] - passthrough["unpatched"]
-            other_note = (f"other steps {other * 1e6:+.1f} us per call (the APPLY_MODEL wrappers passing through; "
-                          f"measured whole: {deltas[0.5][name] * 1e3:+.2f} ms, within noise)")
-        added = taca_steps * deltas[1.0][name] + (steps - taca_steps) * other
-        ROWS.append(("sampling", case + ", composed from per-call costs", name, f"{run_time * 1e3 + added * 1e3:.2f}",
-                     "", f"{1 + added / run_time:.4f}x", "", "",
-                     f"TACA step {deltas[1.0][name] * 1e3:+.2f} ms per call (paired median of {call_rounds} rounds, "
-                     f"incl. one run's setup: an upper bound); {other_note}; unpatched run {run_time * 1e3:.0f} ms"))
+            note = (f"other steps {other * 1e6:+.1f} us per call (the APPLY_MODEL wrappers passing through; "
+                    f"measured whole: {deltas[0.5][name] * 1e3:+.2f} ms, within noise)")
+        composed_row("sampling", case, name, run_time, steps, taca_steps, deltas[1.0][name], other,
+                     f"paired medians of {call_rounds} rounds; {note}")
 
 
 def wrapper_passthrough_seconds(patcher, calls: int = 20000) -> float:
@@ -452,19 +467,10 @@ def bench_compile(nodes, rounds: int, steps: int = 30) -> None:
 
     # Composed as in the sampling section: the TACA-step cost per compiled model call, plus the TACA wrapper's
     # pass-through (measured on the eager patched model: the compile wrapper would try to compile a no-op).
-    from devtools.sampling import schedule
-
-    taca_steps = int((schedule(tiny.patcher, steps)[:-1] >= 0.97).sum())
-    calls, next_to = interleaved({name: one_call(m, tiny, 1.0) for name, m in variants.items()},
-                                 max(15, 2 * rounds), inner=2)
-    taca_call = statistics.median([t - b for t, b in zip(calls["compiled exact"], next_to["compiled exact"])])
+    taca_call = per_call_deltas(variants, tiny, 1.0, max(15, 2 * rounds))["compiled exact"]
     other = wrapper_passthrough_seconds(patched(nodes, tiny.patcher)) - wrapper_passthrough_seconds(tiny.patcher)
-    run_time = statistics.median(runs[0]["compiled unpatched"])
-    added = taca_steps * taca_call + (steps - taca_steps) * other
-    ROWS.append(("compile", case + ", composed from per-call costs", "compiled exact",
-                 f"{(run_time + added) * 1e3:.2f}", "", f"{1 + added / run_time:.4f}x", "", "",
-                 f"TACA step {taca_call * 1e3:+.2f} ms per compiled call (upper bound, as in sampling); other steps "
-                 f"{other * 1e6:+.1f} us; compiled unpatched run {run_time * 1e3:.0f} ms"))
+    composed_row("compile", case, "compiled exact", statistics.median(runs[0]["compiled unpatched"]), steps,
+                 taca_step_count(tiny.patcher, steps), taca_call, other, f"other steps {other * 1e6:+.1f} us per call")
 
 
 # ---------------------------------------------------------------- main
