@@ -1,13 +1,40 @@
-"""Make the development ComfyUI (scripts/setup_runtime.sh) importable, in CPU mode, like `main.py --cpu`."""
+"""Make a development ComfyUI (scripts/setup_runtime.sh) importable, in CPU mode, like `main.py --cpu`.
+
+Which one: ``TACA_COMFYUI_VERSION`` (``.runtime/comfyui-VERSION``, as scripts/test.sh and scripts/demo.sh set
+it), else the newest runtime built; ``TACA_COMFYUI_DIR`` points at any other ComfyUI folder.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
+from typing import Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI = os.environ.get("TACA_COMFYUI_DIR", os.path.join(REPO, ".runtime", "ComfyUI"))
+RUNTIMES = os.path.join(REPO, ".runtime")
 PACK_NAME = "comfyui-taca"
+
+
+def version_key(version: str) -> Tuple[int, ...]:
+    """'0.33.0' -> (0, 33, 0), for ordering ComfyUI versions."""
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def _runtime_home() -> str:
+    version = os.environ.get("TACA_COMFYUI_VERSION")
+    if version:
+        return os.path.join(RUNTIMES, f"comfyui-{version}")
+    built = [os.path.dirname(os.path.dirname(p))
+             for p in glob.glob(os.path.join(RUNTIMES, "comfyui-*", "ComfyUI", "comfyui_version.py"))]
+    if not built:
+        return os.path.join(RUNTIMES, "comfyui-none")
+    return max(built, key=lambda home: version_key(os.path.basename(home)[len("comfyui-"):]))
+
+
+# Per-runtime folder for what tests and the demo generate (tiny model files), beside that ComfyUI.
+RUNTIME_HOME = _runtime_home()
+COMFYUI = os.environ.get("TACA_COMFYUI_DIR", os.path.join(RUNTIME_HOME, "ComfyUI"))
 
 
 def activate(cpu: bool = True) -> str:

@@ -28,7 +28,7 @@ from .comfy_server import ComfyServer, port_in_use
 
 REPO = comfy_runtime.REPO
 DEFAULT_OUT = os.path.join(REPO, "demo_output")
-TINY_MODELS = os.path.join(REPO, ".runtime", "demo_models")
+TINY_MODELS = os.path.join(comfy_runtime.RUNTIME_HOME, "demo_models")
 
 # Real-model workflows: (workflow, {folder: [files]} it needs, base-model words for finding the TACA LoRA)
 REAL = [

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command: sets up the runtime if needed, then runs the TACA comparison workflow on a
 # headless ComfyUI (tiny built-in models; --models DIR for your FLUX.1-dev / SD3.5-Medium files).
+# The newest supported ComfyUI by default; --comfyui VERSION (first) picks another.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_runtime.sh
-exec .runtime/venv/bin/python -m devtools.demo "$@"
+version="$(bash scripts/setup_runtime.sh --list | awk '{print $NF}')"
+if [ "${1:-}" = "--comfyui" ]; then version="$2"; shift 2; fi
+bash scripts/setup_runtime.sh "$version"
+TACA_COMFYUI_VERSION="$version" exec ".runtime/comfyui-$version/venv/bin/python" -m devtools.demo "$@"

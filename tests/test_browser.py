@@ -24,6 +24,7 @@ from PIL import Image, ImageChops, ImageStat
 import browser_helpers as bh
 from comfy_server import ComfyServer
 from conftest import REPO
+from devtools import comfy_runtime
 
 if os.environ.get("TACA_SKIP_BROWSER") == "1":
     pytest.skip("TACA_SKIP_BROWSER=1", allow_module_level=True)
@@ -37,7 +38,7 @@ TINY = "tiny_taca_demo"
 MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name",
                      "lora_name"}
 ARTIFACTS = os.path.join(REPO, ".artifacts", "browser")
-MODELS = os.path.join(REPO, ".runtime", "test_models")
+MODELS = os.path.join(comfy_runtime.RUNTIME_HOME, "test_models")
 # extension colours (js/taca.js COLORS)
 ACTIVE, INACTIVE, WARNING = "#f0a73a", "#5f7391", "#ff7a59"
 
@@ -53,7 +54,7 @@ def load_json(name):
 def server(tmp_path_factory):
     from devtools.demo_models import ensure_demo_models
 
-    ensure_demo_models(MODELS)  # cached under .runtime/test_models (git-ignored), reused by later runs
+    ensure_demo_models(MODELS)  # cached beside the runtime (git-ignored), reused by later runs
     workdir = str(tmp_path_factory.mktemp("comfy_browser"))
     config = os.path.join(workdir, "extra_model_paths.yaml")
     with open(config, "w") as f:
