@@ -136,16 +136,24 @@ def _hunyuan_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, An
     return tokens
 
 
+def _hunyuan_image_first(diffusion_model: Any) -> bool:
+    """Whether this ComfyUI's HunyuanVideo / HunyuanImage 2.1 puts the image tokens before the text.
+
+    ComfyUI 0.3.75 builds the double blocks with ``flipped_img_txt=True`` (the block concatenates image, text and
+    the single blocks follow with matching RoPE ids); in newer ComfyUI (0.33.0 and likely earlier) the flag is
+    gone and the model concatenates text first, as FLUX does.  So the flag, where the blocks have it, says the order, and its
+    absence means text first; both branches are exercised by the tests, one per ComfyUI version.
+    """
+    blocks = getattr(diffusion_model, "double_blocks", None)
+    if blocks is None or len(blocks) == 0:
+        return False
+    return bool(getattr(blocks[0], "flipped_img_txt", False))
+
+
 def _hunyuan_layouts(diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[TextSpan]:
-    """HunyuanVideo / HunyuanImage 2.1 put the image first in ComfyUI 0.3.75 (the double blocks are built with
-    ``flipped_img_txt=True`` and the single blocks concatenate image then text, with matching RoPE ids).  Read
-    the order from the model's own double block rather than assume it, so a build that puts the text first
-    (``flipped_img_txt=False``, as some newer trees do) gets the text-first span."""
     text = _hunyuan_text_tokens(diffusion_model, context, conds)
     visual = _hunyuan_visual_tokens(diffusion_model, x, conds)
-    blocks = getattr(diffusion_model, "double_blocks", None)
-    image_first = bool(getattr(blocks[0], "flipped_img_txt", True)) if blocks is not None and len(blocks) else True
-    if image_first:
+    if _hunyuan_image_first(diffusion_model):
         return [TextSpan.text_last(text, text + visual)]
     return [TextSpan.text_first(text, text + visual)]
 

@@ -2,11 +2,12 @@
 HiDream, Lumina 2, Z-Image, OmniGen2), and the cross-attention families TACA refuses.
 
 Each case builds a tiny random-weight model with ComfyUI's own classes and runs it through ComfyUI's sampler.
-The joint layouts below are the test's own reading of the model it built (the ldm code of ComfyUI 0.3.75),
-written out as numbers, not taken from taca/families.py:
+Where the text sits in the joint attention (its order and span) is observed on the running ComfyUI
+(``layouts.observe_joint_layout``: which key rows move with the text inputs and which with the image), never
+taken from taca/families.py; the case tables hold what the test knows of the model it built:
 
-    JOINT = {sequence length: (text start, text stop)}   every joint text+visual attention call
-    OTHER = {(q length, k length), ...}                   every other attention call (refiners, ...)
+    text, length   text tokens and joint sequence length (checked against the observation)
+    other          every other attention call as (q length, k length) (refiners, image-only attention)
 """
 
 from typing import Dict, NamedTuple, Set, Tuple
@@ -20,6 +21,7 @@ import comfy.supported_models
 from devtools import tiny_models as tm
 from harness import AttentionSpy, MultiLayoutReference, installed_override, one_step, rel_diff, sample_sigmas, \
     with_override
+from layouts import observe_joint_layout
 
 GAMMA = 1.2
 TOLERANCE = 1e-4
@@ -28,7 +30,8 @@ TOLERANCE = 1e-4
 class Case(NamedTuple):
     kind: str
     cond: Dict  # family_conditioning kwargs
-    joint: Dict[int, Tuple[int, int]]
+    text: int  # text tokens of the joint attention
+    length: int  # joint sequence length
     other: Set[Tuple[int, int]]
     joint_calls: int  # joint attention calls per model call
     batch: int = 2
@@ -50,39 +53,40 @@ def _hunyuan_ref():
 
 CASES = {
     # AuraFlow: [8 registers + 40 T5 tokens | (16/2)^2 = 64 image tokens]; 1 joint (MMDiT) + 1 single (DiT) layer.
-    "auraflow": Case("auraflow", {}, {112: (0, 48)}, set(), 2),
-    # HunyuanVideo: [3 x (8/2) x (8/2) = 48 video tokens | 30 text tokens]; token refiner: 2 blocks over the text.
-    "hunyuan_video": Case("hunyuan_video", {}, {78: (48, 78)}, {(30, 30)}, 2),
+    "auraflow": Case("auraflow", {}, 48, 112, set(), 2),
+    # HunyuanVideo: 3 x (8/2) x (8/2) = 48 video tokens and 30 text tokens (image first in ComfyUI 0.3.75, text first
+    # in 0.33.0: observed); token refiner: 2 blocks over the text.
+    "hunyuan_video": Case("hunyuan_video", {}, 30, 78, {(30, 30)}, 2),
     # HunyuanVideo 1.0 I2V class (33 input channels: latent + concat image + mask): same layout.
-    "hunyuan_video_i2v": Case("hunyuan_video_i2v", {}, {78: (48, 78)}, {(30, 30)}, 2),
-    # HunyuanVideo with a reference latent (the "custom" image-to-video guidance): [16 ref + 48 video | 30 text].
+    "hunyuan_video_i2v": Case("hunyuan_video_i2v", {}, 30, 78, {(30, 30)}, 2),
+    # HunyuanVideo with a reference latent (the "custom" image-to-video guidance): 16 ref + 48 video and 30 text tokens.
     # ComfyUI 0.3.75 writes into an expanded tensor for ref_latent when the model call's batch is > 1 (cond and
     # uncond batched), so this case runs batch 1 at cfg 1.
-    "hunyuan_video_ref": Case("hunyuan_video", {"ref_latent": "hunyuan_ref"}, {94: (64, 94)}, {(30, 30)}, 2,
+    "hunyuan_video_ref": Case("hunyuan_video", {"ref_latent": "hunyuan_ref"}, 30, 94, {(30, 30)}, 2,
                               batch=1, cfg=1.0),
-    # HunyuanVideo 1.5: [2 x 4 x 4 = 32 video | 4 vision + 5 byT5 + 30 text]; refiner over the 30 text tokens.
-    "hunyuan_video15": Case("hunyuan_video15", {"byt5_tokens": 5, "vision_tokens": 4}, {71: (32, 71)}, {(30, 30)}, 2),
-    # HunyuanImage 2.1: patch 1: [8 x 8 = 64 image | 30 text + 5 byT5].
-    "hunyuan_image21": Case("hunyuan_image21", {"byt5_tokens": 5}, {99: (64, 99)}, {(30, 30)}, 2),
+    # HunyuanVideo 1.5: 2 x 4 x 4 = 32 video, 4 vision + 5 byT5 + 30 text; refiner over the 30 text tokens.
+    "hunyuan_video15": Case("hunyuan_video15", {"byt5_tokens": 5, "vision_tokens": 4}, 39, 71, {(30, 30)}, 2),
+    # HunyuanImage 2.1: patch 1: 8 x 8 = 64 image, 30 text + 5 byT5.
+    "hunyuan_image21": Case("hunyuan_image21", {"byt5_tokens": 5}, 35, 99, {(30, 30)}, 2),
     # HunyuanImage 2.1 with a text padding mask (last 6 of 30 tokens masked): the model adds the mask to the joint
     # logits after TACA's scaling (and to the refiner's); batch 1 at cfg 1, as the model's mask is built for one,
     # and no byT5 tokens (0.3.75 does not extend the mask over them).
     "hunyuan_image21_masked": Case("hunyuan_image21", {"attention_mask": "text_mask"},
-                                   {94: (64, 94)}, {(30, 30)}, 2, batch=1, cfg=1.0),
+                                   30, 94, {(30, 30)}, 2, batch=1, cfg=1.0),
     # Chroma Radiance (pixel space): [40 T5 | (32/4)^2 = 64 pixel patches]; 1 double + 2 single blocks.
-    "chroma_radiance": Case("chroma_radiance", {}, {104: (0, 40)}, set(), 3),
+    "chroma_radiance": Case("chroma_radiance", {}, 40, 104, set(), 3),
     # Qwen-Image: [34 text | (16/2)^2 = 64 image]; 2 blocks.
-    "qwen_image": Case("qwen_image", {}, {98: (0, 34)}, set(), 2),
+    "qwen_image": Case("qwen_image", {}, 34, 98, set(), 2),
     # Qwen-Image-Edit: a 12x8 reference latent adds 6 x 4 = 24 visual tokens.
-    "qwen_image_edit": Case("qwen_image", {"reference_latents": "qwen_ref"}, {122: (0, 34)}, set(), 2),
-    # HiDream: [64 image | 36 T5 + 7 Llama (last layer) + 7 Llama (the block's layer)]; 1 double + 1 single block.
-    "hidream": Case("hidream", {"llama_tokens": 7}, {114: (64, 114)}, set(), 2),
+    "qwen_image_edit": Case("qwen_image", {"reference_latents": "qwen_ref"}, 34, 122, set(), 2),
+    # HiDream: 64 image, 36 T5 + 7 Llama (last layer) + 7 Llama (the block's layer); 1 double + 1 single block.
+    "hidream": Case("hidream", {"llama_tokens": 7}, 50, 114, set(), 2),
     # Lumina 2: [38 caption | 64 image]; context refiner (38) and noise refiner (64) untouched.
-    "lumina2": Case("lumina2", {}, {102: (0, 38)}, {(38, 38), (64, 64)}, 2),
+    "lumina2": Case("lumina2", {}, 38, 102, {(38, 38), (64, 64)}, 2),
     # Z-Image with pad_tokens_multiple=32: 37 caption tokens + 27 pad = 64 | 7 x 9 = 63 image + 1 pad = 64.
-    "z_image": Case("z_image", {}, {128: (0, 64)}, {(64, 64)}, 2),
+    "z_image": Case("z_image", {}, 64, 128, {(64, 64)}, 2),
     # OmniGen2: [35 text | 24 reference + 64 image]; context (35), ref-image (24) and noise (64) refiners untouched.
-    "omnigen2": Case("omnigen2", {"reference_latents": "omnigen_ref"}, {123: (0, 35)}, {(35, 35), (24, 24), (64, 64)},
+    "omnigen2": Case("omnigen2", {"reference_latents": "omnigen_ref"}, 35, 123, {(35, 35), (24, 24), (64, 64)},
                      2, batch=1),
 }
 
@@ -109,11 +113,26 @@ def setup(case: Case):
     return tiny, positive, negative, latent
 
 
+_OBSERVED: Dict[str, Dict[int, Tuple[int, int]]] = {}
+
+
+def joint_layout(name: str) -> Dict[int, Tuple[int, int]]:
+    """{length: (text start, text stop)} of a case, observed on this ComfyUI and checked against the case's counts."""
+    if name not in _OBSERVED:
+        case = CASES[name]
+        tiny, positive, _, latent = setup(case)
+        observed = observe_joint_layout(tiny.patcher, positive, latent)
+        (length, (start, stop)), = observed.items()
+        assert (length, stop - start) == (case.length, case.text), (name, observed)
+        _OBSERVED[name] = observed
+    return _OBSERVED[name]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_exact_forward_matches_reference(pack_nodes, name):
     case = CASES[name]
     tiny, positive, negative, latent = setup(case)
-    reference = MultiLayoutReference(case.joint, GAMMA)
+    reference = MultiLayoutReference(joint_layout(name), GAMMA)
     out = one_step(taca(pack_nodes, tiny.patcher), positive, negative, latent, cfg=case.cfg)
     ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=case.cfg)
     plain = one_step(tiny.patcher, positive, negative, latent, cfg=case.cfg)
@@ -128,7 +147,7 @@ def test_other_modes_on_an_image_first_family(pack_nodes, mode):
     """HiDream (image first, text last): 'flex' is eq. 10 exactly; 'selective' is within its listing-2 error."""
     case = CASES["hidream"]
     tiny, positive, negative, latent = setup(case)
-    reference = MultiLayoutReference(case.joint, GAMMA)
+    reference = MultiLayoutReference(joint_layout("hidream"), GAMMA)
     out = one_step(taca(pack_nodes, tiny.patcher, mode=mode), positive, negative, latent, cfg=case.cfg)
     ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=case.cfg)
     plain = one_step(tiny.patcher, positive, negative, latent, cfg=case.cfg)
@@ -151,7 +170,7 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     plain_spy = installed_override(plain_model)
     one_step(plain_model, positive, negative, latent, cfg=case.cfg)
 
-    (length, (start, stop)), = case.joint.items()
+    (length, (start, stop)), = joint_layout(name).items()
     plain_joint = [c for c in plain_spy.calls if c[1] == c[2] == length]
     # every joint block of every model call (cond and uncond batched in one call, or run one after the other)
     assert len(plain_joint) > 0 and len(plain_joint) % case.joint_calls == 0
@@ -206,15 +225,15 @@ def test_hunyuan_video_sampled_through_comfy_sample(pack_nodes):
     patched = taca(pack_nodes, with_override(tiny.patcher, AttentionSpy()))
     out = run(patched)
     spy = installed_override(patched)
-    gated = with_override(tiny.patcher, MultiLayoutReference(case.joint, GAMMA, threshold=0.97))
+    gated = with_override(tiny.patcher, MultiLayoutReference(joint_layout("hunyuan_video"), GAMMA, threshold=0.97))
     ref = run(gated)
     plain = run(tiny.patcher)
     assert out.shape == (1, 16, 3, 8, 8) and torch.isfinite(out).all()
     assert rel_diff(out, ref) <= TOLERANCE
     assert rel_diff(out, plain) > 30 * TOLERANCE
     step_of_sigma = {round(s, 5): i for i, s in enumerate(sigmas[:-1].tolist())}
-    acted = {step_of_sigma[round(c[0], 5)] for c in spy.calls if c[2] == 78 and c[1] != 78}
-    untouched = {step_of_sigma[round(c[0], 5)] for c in spy.calls if c[1] == 78}
+    acted = {step_of_sigma[round(c[0], 5)] for c in spy.calls if c[2] == case.length and c[1] != case.length}
+    untouched = {step_of_sigma[round(c[0], 5)] for c in spy.calls if c[1] == case.length}
     assert sorted(acted) == taca_steps
     assert untouched == set(range(8)) - set(taca_steps)
 
@@ -285,17 +304,16 @@ def test_joint_attention_models_not_supported_yet_get_the_generic_message(pack_n
     assert "cross-attention" not in message
 
 
-def test_hunyuan_order_is_read_from_the_model(pack_nodes):
-    """ComfyUI 0.3.75 puts HunyuanVideo's image first (double blocks built with flipped_img_txt=True); the family
-    reads that flag from the model instead of assuming it, so a build whose blocks put the text first (as some
-    newer trees do, with text-first RoPE ids and single blocks to match) gets a text-first span.  Layout only:
-    0.3.75 has no such build to run."""
-    tiny = tm.build_family("hunyuan_video")
-    from taca.families import family_for_model
-    family = family_for_model(tiny.patcher.model)
-    x = torch.zeros(2, 16, 3, 8, 8)
-    context = torch.zeros(2, 30, tm.CONTEXT_DIM)
-    assert family.layouts(tiny.patcher.model.diffusion_model, x, context, {}) == [(48, 78, 78)]
-    for block in tiny.patcher.model.diffusion_model.double_blocks:
-        block.flipped_img_txt = False
-    assert family.layouts(tiny.patcher.model.diffusion_model, x, context, {}) == [(0, 30, 78)]
+@pytest.mark.parametrize("name", ["hunyuan_video", "hunyuan_video15", "hunyuan_image21"])
+def test_hunyuan_order_matches_what_this_comfyui_does(name):
+    """HunyuanVideo 1.0 / 1.5 and HunyuanImage 2.1 changed their token order between ComfyUI versions (0.3.75:
+    image first; 0.33.0: text first).  The observed layout must be one of the two, text at one end; the forward
+    tests then check that TACA scales exactly those tokens."""
+    (length, (start, stop)), = joint_layout(name).items()
+    assert start == 0 or stop == length
+    import comfyui_version
+    image_first = stop == length
+    if comfyui_version.__version__ == "0.3.75":
+        assert image_first
+    elif comfyui_version.__version__ == "0.33.0":
+        assert not image_first

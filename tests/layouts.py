@@ -1,0 +1,112 @@
+"""Where a model's text tokens sit in its joint attention, found by observation, not read from any code.
+
+The model runs three times on the ComfyUI in use: as given, with every text-side input replaced by other random
+values (the context, and the extra token inputs some families take: Llama layers, byT5 glyph tokens, vision
+tokens), and with every visual input replaced (the noise, reference latents).  Before the first joint attention,
+text and image tokens have not met, so in that call's keys the rows that moved with the text are text tokens
+and the rows that moved with the image are visual tokens.  Rows that moved with neither are learned tokens
+(registers, padding); they belong to the run of tokens before them (padding follows what it pads), or, at the
+start of the sequence, to the run after them (registers are prepended).
+
+This knows nothing of taca/families.py, so the spans it returns are an independent reference for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from devtools.sampling import one_step
+from harness import installed_override, with_override
+
+# conditioning keys whose tensors are token sequences on the text side of the families we build
+TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small")
+VISUAL_KEYS = ("reference_latents", "ref_latent")
+
+
+class KeyRecorder:
+    """Attention override that keeps every call's keys as (B, N, ...) with the sequence on dim 1."""
+
+    def __init__(self):
+        self.keys: List[torch.Tensor] = []
+        self.queries: List[int] = []
+
+    def __call__(self, func, *args, **kwargs):
+        q, k = args[0], args[1]
+        seq_dim = 2 if kwargs.get("skip_reshape", False) else 1
+        self.keys.append(k.detach().movedim(seq_dim, 1).flatten(2).double().clone())
+        self.queries.append(q.shape[seq_dim])
+        return func(*args, **kwargs)
+
+
+def _other(value: Any, generator: torch.Generator) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return torch.randn(value.shape, generator=generator, dtype=value.dtype)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_other(v, generator) for v in value)
+    if hasattr(value, "_fields"):  # a NamedTuple such as a CLIP vision output
+        return type(value)(*(_other(v, generator) for v in value))
+    return value
+
+
+def _perturbed(conditioning, keys: Tuple[str, ...], context: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for tensor, options in conditioning:
+        options = dict(options)
+        for key in keys:
+            if key in options:
+                options[key] = _other(options[key], g)
+        if context and "clip_vision_output" in options:
+            options["clip_vision_output"] = _other(options["clip_vision_output"], g)
+        out.append([_other(tensor, g) if context else tensor, options])
+    return out
+
+
+def _record(patcher, positive, latent, seed: int) -> KeyRecorder:
+    model = with_override(patcher, KeyRecorder())
+    one_step(model, positive, positive, latent, cfg=1.0, seed=seed)
+    return installed_override(model)
+
+
+def _changed_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    scale = max(float(a.abs().max()), 1e-30)
+    return ((a - b).abs().amax(dim=(0, 2)) > 1e-6 * scale)
+
+
+def _assign_unmoved(owner: List[Optional[str]]) -> List[str]:
+    """Rows that moved with neither input join the run before them (or, at the start, the run after them)."""
+    first_known = next((o for o in owner if o is not None), None)
+    assert first_known is not None, "no row moved with either input"
+    out, last = [], first_known
+    for o in owner:
+        last = o if o is not None else last
+        out.append(last)
+    return out
+
+
+def observe_joint_layout(patcher, positive, latent) -> Dict[int, Tuple[int, int]]:
+    """{joint sequence length: (text start, text stop)} of the first joint attention call of one model call.
+
+    ``positive`` is a ComfyUI conditioning list and ``latent`` the latent, as the test will sample them.
+    """
+    base = _record(patcher, positive, latent, seed=0)
+    text = _record(patcher, _perturbed(positive, TEXT_SIDE_KEYS, context=True, seed=101), latent, seed=0)
+    visual = _record(patcher, _perturbed(positive, VISUAL_KEYS, context=False, seed=202), latent, seed=1)
+    assert len(base.keys) == len(text.keys) == len(visual.keys), "the runs made different attention calls"
+    for i, (k, kt, kv) in enumerate(zip(base.keys, text.keys, visual.keys)):
+        if base.queries[i] != k.shape[1]:
+            continue  # not a self-attention over one sequence
+        moved_text, moved_visual = _changed_rows(k, kt), _changed_rows(k, kv)
+        if not (moved_text.any() and moved_visual.any()):
+            continue  # a text-only refiner or an image-only attention
+        assert not (moved_text & moved_visual).any(), (
+            f"call {i}: rows moved with both the text and the image; text and image have already met")
+        owner = ["text" if t else "visual" if v else None for t, v in zip(moved_text.tolist(), moved_visual.tolist())]
+        owner = _assign_unmoved(owner)
+        text_rows = [n for n, o in enumerate(owner) if o == "text"]
+        start, stop = text_rows[0], text_rows[-1] + 1
+        assert stop - start == len(text_rows), f"call {i}: text rows are not contiguous: {owner}"
+        return {k.shape[1]: (start, stop)}
+    raise AssertionError("no attention call mixed text and image tokens")
