@@ -10,6 +10,7 @@ import torch
 
 from devtools import tiny_models as tm
 from harness import AttentionSpy, ReferenceTacaAttention, one_step, rel_diff, with_override
+from layouts import observe_joint_layout
 
 GAMMA = 1.2
 TOLERANCE = 1e-4  # fp32 model vs the same model with float64 attention
@@ -38,7 +39,10 @@ def expected_text_tokens(tiny, fed):
 def check_against_reference(pack_nodes, tiny, positive, negative, latent, text, visual, mode="exact",
                             listing2_text_rows=False):
     joint = text + visual
-    reference = ReferenceTacaAttention(joint, 0, text, GAMMA, listing2=listing2_text_rows)
+    # The counts are the test's knowledge of the model it built; where the text sits is observed on this ComfyUI.
+    (length, (start, stop)), = observe_joint_layout(tiny.patcher, positive, latent).items()
+    assert (length, stop - start) == (joint, text), (length, start, stop)
+    reference = ReferenceTacaAttention(joint, start, stop, GAMMA, listing2=listing2_text_rows)
     patched = taca(pack_nodes, tiny.patcher, mode=mode)
     out = one_step(patched, positive, negative, latent, cfg=3.0)
     ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=3.0)
