@@ -41,6 +41,14 @@ def test_declared_minimum_comfyui_matches_the_load_time_check():
     assert tuple(map(int, tested.split("."))) >= tuple(map(int, declared.split(".")))
 
 
+def test_declared_minimum_is_the_oldest_comfyui_tested():
+    """The runtime matrix starts at the declared minimum, so the minimum is what the tests run on."""
+    listed = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup_runtime.sh"), "--list"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert len(listed) >= 2 and listed == sorted(listed, key=lambda v: tuple(map(int, v.split("."))))
+    assert load_pyproject()["tool"]["comfy"]["requires-comfyui"] == f">={listed[0]}"
+
+
 def test_requirements_install_nothing_new():
     with open(os.path.join(REPO, "requirements.txt")) as f:
         lines = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
