@@ -1,14 +1,20 @@
-"""Tiny random-weight models built with ComfyUI's own classes (supported_models -> model_base -> ldm).
+"""Tiny random-weight models, configured the way ComfyUI configures a real checkpoint.
 
-Each is a real ``comfy.model_base`` model wrapped in a real ``ModelPatcher``;
-only the sizes are small and the weights random (seeded), so a forward pass
-runs in milliseconds on the CPU.
+Each kind is described once as a tiny synthetic checkpoint: a diffusion-model state dict with the key names
+real checkpoints have (ComfyUI's own format, as the diffusion-model loader sees it after the prefix is
+stripped) and the shapes of the tiny model. ComfyUI's model detection
+(``comfy.model_detection.detect_unet_config``) reads it and its class matching
+(``model_config_from_unet_config``) picks the ``comfy.supported_models`` class, exactly as for a file on
+disk; then the tiny sizes that detection takes from constants of the full-size model (head counts, rotary
+axes, MLP ratios, ...) replace those constants, and the class's ``get_model`` builds a real
+``comfy.model_base`` model, wrapped in a real ``ModelPatcher``, with seeded random weights. A field that a
+newer ComfyUI requires and fills in during detection therefore reaches the tiny models too.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,6 +24,39 @@ import comfy.model_patcher
 import comfy.supported_models
 
 CONTEXT_DIM = 32  # width of the (random) text-encoder output fed to the models
+BYT5_DIM = 1472  # fixed input width of ComfyUI's ByT5Mapper
+VISION_DIM = 16  # tiny SigLIP width for HunyuanVideo 1.5's vision_in
+
+Shape = Tuple[int, ...]
+
+
+class TinyCheckpoint(NamedTuple):
+    """A tiny synthetic checkpoint, described by the keys ComfyUI's detection reads."""
+    expected: str  # the comfy.supported_models class ComfyUI picks for it
+    keys: Dict[str, Shape]  # key -> shape in the tiny model (the tiny model has every one of them)
+    sizes: Dict[str, Any] = {}  # tiny values of what detection takes from full-size constants
+    # Keys ComfyUI reads at their full-size width to choose the class or a detection branch (Z-Image's dim 3840,
+    # HunyuanVideo 1.5's SigLIP width 1152, ...): the detection state dict carries them at that width, and
+    # `sizes` gives the tiny model its own.
+    wide: Dict[str, Shape] = {}
+    # False where no tiny checkpoint can reach the class through matching (the UNets: SD1.5 and SDXL are matched on
+    # full-size channel counts and depths): the detected dict goes to the `expected` class directly.
+    match: bool = True
+
+
+class Kind(NamedTuple):
+    checkpoint: TinyCheckpoint
+    latent_shape: tuple  # latent without batch: (C, H, W) or (C, T, H, W)
+    text_tokens: int  # length of the conditioning we feed (before model-internal registers)
+    extra_cond: Dict[str, Any]  # "pooled_output": width -> random tensor; other values as given
+
+    @property
+    def unet_config(self) -> Dict[str, Any]:
+        """The unet_config the tiny model is built with (detected, then the tiny sizes)."""
+        return dict(_detect(self.checkpoint)[1])
+
+
+FamilyKind = Kind
 
 
 class TinyModel(NamedTuple):
@@ -30,48 +69,224 @@ class TinyModel(NamedTuple):
     extra_cond: Dict[str, Any]
 
 
-_FLUX = {
-    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 24,
-    "context_in_dim": CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
-    "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
-}
-_FLUX2 = {
-    "image_model": "flux2", "guidance_embed": True, "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
-    "context_in_dim": CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1,
-    "depth_single_blocks": 2, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False,
-    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
-    "ref_index_scale": 10.0,
-}
-_CHROMA = {
-    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": CONTEXT_DIM,
-    "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 2,
-    "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
-    "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1,
-}
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint descriptions, one function per architecture; block keys are listed so detection can count blocks.
 
 
-def _sd3_config(x_block_self_attn_layers=()):
-    depth = 2  # MMDiT: hidden = 64 * depth, heads = depth
-    return {
-        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
-        "adm_in_channels": 24, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16, "num_patches": 256,
-        "context_embedder_config": {"target": "torch.nn.Linear",
-                                    "params": {"in_features": CONTEXT_DIM, "out_features": 64 * depth}},
-        "qk_norm": "rms" if x_block_self_attn_layers else None,
-        "x_block_self_attn_layers": list(x_block_self_attn_layers),
-    }
+def _blocks(template: str, count: int, shape: Shape) -> Dict[str, Shape]:
+    return {template.format(i): shape for i in range(count)}
 
+
+def _flux(hidden_size: int = 64, num_heads: int = 2, axes_dim: Sequence[int] = (8, 12, 12), depth: int = 2,
+          depth_single_blocks: int = 2, mlp_ratio: float = 2.0, guidance: bool = True) -> TinyCheckpoint:
+    head = hidden_size // num_heads
+    keys = {"img_in.weight": (hidden_size, 16 * 2 * 2), "txt_in.weight": (hidden_size, CONTEXT_DIM),
+            "vector_in.in_layer.weight": (hidden_size, 24), "final_layer.linear.weight": (16 * 2 * 2, hidden_size)}
+    if guidance:
+        keys["guidance_in.in_layer.weight"] = (hidden_size, 256)
+    keys.update(_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", depth, (head,)))
+    keys.update(_blocks("single_blocks.{}.norm.key_norm.scale", depth_single_blocks, (head,)))
+    return TinyCheckpoint("Flux" if guidance else "FluxSchnell", keys,
+                          {"num_heads": num_heads, "axes_dim": list(axes_dim), "mlp_ratio": mlp_ratio})
+
+
+def _flux2() -> TinyCheckpoint:
+    keys = {"img_in.weight": (64, 128), "txt_in.weight": (64, CONTEXT_DIM), "guidance_in.in_layer.weight": (64, 256),
+            "double_stream_modulation_img.lin.weight": (6 * 64, 64), "final_layer.linear.weight": (128, 64)}
+    keys.update(_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 1, (32,)))
+    keys.update(_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,)))
+    return TinyCheckpoint("Flux2", keys, {"num_heads": 2, "axes_dim": [8, 8, 8, 8]})
+
+
+_CHROMA_SIZES = {"num_heads": 2, "axes_dim": [8, 12, 12], "mlp_ratio": 2.0, "out_dim": 64, "hidden_dim": 64,
+                 "n_layers": 1}
+
+
+def _chroma() -> TinyCheckpoint:
+    keys = {"img_in.weight": (64, 64), "txt_in.weight": (64, CONTEXT_DIM), "final_layer.linear.weight": (64, 64),
+            "distilled_guidance_layer.norms.0.scale": (64,)}
+    keys.update(_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 1, (32,)))
+    keys.update(_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,)))
+    return TinyCheckpoint("Chroma", keys, _CHROMA_SIZES)
+
+
+def _chroma_radiance() -> TinyCheckpoint:
+    # pixel-space Chroma: 3 channels, patch 4 here (16 in the real model), NeRF MLP head, no img_in
+    keys = {"img_in_patch.weight": (64, 3, 4, 4), "txt_in.weight": (64, CONTEXT_DIM),
+            "distilled_guidance_layer.norms.0.scale": (64,), "nerf_blocks.0.norm.scale": (16,),
+            "nerf_final_layer.linear.weight": (3, 16)}
+    keys.update(_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 1, (32,)))
+    keys.update(_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,)))
+    return TinyCheckpoint("ChromaRadiance", keys, dict(
+        _CHROMA_SIZES, patch_size=4, nerf_hidden_size=16, nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4,
+        nerf_tile_size=0))
+
+
+def sd3_checkpoint(depth: int = 2, adm_in_channels: int = 24, context_dim: int = CONTEXT_DIM, pos_embed_max_size: int = 16,
+         x_block_self_attn_layers: Sequence[int] = ()) -> TinyCheckpoint:
+    """MMDiT (SD3 / SD3.5): detection reads every size from the shapes (hidden = 64 x depth, heads = depth)."""
+    hidden = 64 * depth
+    keys = {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 2 * 2, hidden),
+            "y_embedder.mlp.0.weight": (hidden, adm_in_channels), "context_embedder.weight": (hidden, context_dim),
+            "pos_embed": (1, pos_embed_max_size ** 2, hidden)}
+    keys.update(_blocks("joint_blocks.{}.context_block.attn.qkv.weight", depth, (3 * hidden, hidden)))
+    if x_block_self_attn_layers:  # SD3.5 Medium: RMS QK norm and image-only self-attention layers
+        keys.update(_blocks("joint_blocks.{}.context_block.attn.ln_q.weight", depth, (64,)))
+        keys.update({f"joint_blocks.{i}.x_block.attn2.qkv.weight": (3 * hidden, hidden)
+                     for i in x_block_self_attn_layers})
+    return TinyCheckpoint("SD3", keys)
+
+
+def _auraflow() -> TinyCheckpoint:
+    return TinyCheckpoint("AuraFlow", {
+        "positional_encoding": (1, 64, 64), "cond_seq_linear.weight": (64, CONTEXT_DIM),
+        "double_layers.0.attn.w1q.weight": (64, 64), "single_layers.0.attn.w1q.weight": (64, 64),
+    }, {"cond_seq_dim": CONTEXT_DIM, "dim": 64, "n_heads": 2, "patch_size": 2, "in_channels": 4, "out_channels": 4},
+        wide={"cond_seq_linear.weight": (64, 2048)})  # AuraFlow is matched on its 2048-wide T5 input
+
+
+def _hunyuan(expected: str, in_channels: int = 16, patch: Sequence[int] = (1, 2, 2), vector: bool = True,
+             guidance: bool = True, byt5: bool = False, meanflow: bool = False, v15: bool = False,
+             wide_in_channels: Optional[int] = None) -> TinyCheckpoint:
+    """HunyuanVideo 1.0 / 1.5 and HunyuanImage 2.1 (one ComfyUI architecture, told apart by their keys)."""
+    keys = {"img_in.proj.weight": (64, in_channels) + tuple(patch),
+            "final_layer.linear.weight": (16 * math.prod(patch), 64),
+            "txt_in.input_embedder.weight": (64, CONTEXT_DIM),
+            "txt_in.individual_token_refiner.blocks.0.norm1.weight": (64,),
+            "double_blocks.0.img_attn.norm.key_norm.scale": (32,), "single_blocks.0.norm.key_norm.scale": (32,)}
+    sizes: Dict[str, Any] = {"num_heads": 2, "mlp_ratio": 2.0,
+                             "axes_dim": [8, 12, 12] if len(patch) == 3 else [16, 16]}
+    wide: Dict[str, Shape] = {}
+    if vector:
+        keys["vector_in.in_layer.weight"] = (64, 24)
+        sizes["vec_in_dim"] = 24  # detection assumes CLIP-L's 768
+    if guidance:
+        keys["guidance_in.in_layer.weight"] = (64, 256)
+    if byt5:
+        keys["byt5_in.fc1.weight"] = (2048, BYT5_DIM)
+    if meanflow:
+        keys["time_r_in.in_layer.weight"] = (64, 256)
+    if v15:  # HunyuanVideo 1.5: SigLIP input and condition-type embedding; matched on SigLIP's width 1152
+        keys.update({"vision_in.proj.0.weight": (VISION_DIM,), "cond_type_embedding.weight": (3, 64)})
+        wide["vision_in.proj.0.weight"] = (1152,)
+        sizes["vision_in_dim"] = VISION_DIM
+    if wide_in_channels is not None:  # a class matched on its full-size input channels
+        wide["img_in.proj.weight"] = (64, wide_in_channels) + tuple(patch)
+        sizes["in_channels"] = in_channels
+    return TinyCheckpoint(expected, keys, sizes, wide)
+
+
+def _qwen_image() -> TinyCheckpoint:
+    keys = {"txt_norm.weight": (CONTEXT_DIM,), "img_in.weight": (64, 64), "proj_out.weight": (64, 64)}
+    keys.update(_blocks("transformer_blocks.{}.attn.norm_q.weight", 2, (32,)))
+    return TinyCheckpoint("QwenImage", keys, {
+        "patch_size": 2, "out_channels": 16, "attention_head_dim": 32, "num_attention_heads": 2,
+        "joint_attention_dim": CONTEXT_DIM, "axes_dims_rope": (8, 12, 12)})
+
+
+def _hidream() -> TinyCheckpoint:
+    # Detection reads only that the checkpoint is HiDream; every size is a full-size constant.
+    return TinyCheckpoint("HiDream", {"caption_projection.0.linear.weight": (64, 24)}, {
+        "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2,
+        "caption_channels": [CONTEXT_DIM, 24], "text_emb_dim": 24, "num_routed_experts": 2,
+        "num_activated_experts": 1, "axes_dims_rope": [16, 8, 8], "max_resolution": [32, 32], "llama_layers": [0, 1]})
+
+
+def _lumina2() -> TinyCheckpoint:
+    keys = {"cap_embedder.1.weight": (64, CONTEXT_DIM), "noise_refiner.0.attention.k_norm.weight": (32,)}
+    keys.update(_blocks("layers.{}.ffn_norm1.weight", 2, (64,)))
+    return TinyCheckpoint("Lumina2", keys, {
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 2.0,
+        "norm_eps": 1e-5, "axes_dims": [8, 12, 12], "axes_lens": [300, 64, 64], "rope_theta": 10000.0})
+
+
+def _z_image() -> TinyCheckpoint:
+    # Z-Image with its learned pad tokens (pad_tokens_multiple=32 where the ComfyUI version knows them); ComfyUI
+    # recognises Z-Image by its 3840-wide caption embedder.
+    keys = {"cap_embedder.1.weight": (256, CONTEXT_DIM), "noise_refiner.0.attention.k_norm.weight": (128,),
+            "cap_pad_token": (1, 256), "x_pad_token": (1, 256)}
+    keys.update(_blocks("layers.{}.ffn_norm1.weight", 2, (256,)))
+    return TinyCheckpoint("ZImage", keys, {
+        "dim": 256, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "norm_eps": 1e-5,
+        "axes_lens": [300, 64, 64]}, wide={"cap_embedder.1.weight": (3840, CONTEXT_DIM)})
+
+
+def _omnigen2() -> TinyCheckpoint:
+    return TinyCheckpoint("Omnigen2", {"time_caption_embed.timestep_embedder.linear_1.bias": (64,)}, {
+        "hidden_size": 64, "num_layers": 2, "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1,
+        "multiple_of": 16, "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64], "text_feat_dim": CONTEXT_DIM})
+
+
+def _unet(expected: str, linear: bool, adm: Optional[int] = None) -> TinyCheckpoint:
+    """A two-level UNet (channels 32/64, one res block each, attention on the second level, context 32)."""
+    proj = (64, 64) if linear else (64, 64, 1, 1)
+    keys = {"input_blocks.0.0.weight": (32, 4, 3, 3),
+            "input_blocks.1.0.in_layers.0.weight": (32,), "input_blocks.1.0.out_layers.3.weight": (32, 32, 3, 3),
+            "input_blocks.2.0.op.weight": (32, 32, 3, 3),
+            "input_blocks.3.0.in_layers.0.weight": (32,), "input_blocks.3.0.out_layers.3.weight": (64, 64, 3, 3),
+            "middle_block.0.in_layers.0.weight": (64,),
+            "output_blocks.0.0.in_layers.0.weight": (128,), "output_blocks.1.0.in_layers.0.weight": (96,),
+            "output_blocks.2.0.in_layers.0.weight": (96,), "output_blocks.3.0.in_layers.0.weight": (64,),
+            "out.2.weight": (4, 32, 3, 3)}
+    for block in ("input_blocks.3.1", "middle_block.1", "output_blocks.0.1", "output_blocks.1.1"):
+        keys[block + ".proj_in.weight"] = proj
+        keys[block + ".transformer_blocks.0.attn2.to_k.weight"] = (64, CONTEXT_DIM)
+    if adm is not None:
+        keys["label_emb.0.0.weight"] = (128, adm)
+    return TinyCheckpoint(expected, keys, match=False)
+
+
+def _wan(expected: str, in_dim: int = 16, out_dim: int = 16, vace: bool = False) -> TinyCheckpoint:
+    keys = {"patch_embedding.weight": (64, in_dim, 1, 2, 2), "head.modulation": (1, 2, 64),
+            "head.head.weight": (out_dim * 4, 64), "blocks.0.ffn.0.weight": (128, 64)}
+    if vace:
+        keys.update({"vace_patch_embedding.weight": (64, 96, 1, 2, 2), "vace_blocks.0.modulation": (1, 6, 64)})
+    return TinyCheckpoint(expected, keys, {"num_heads": 2, "freq_dim": 32, "text_len": 16, "text_dim": CONTEXT_DIM})
+
+
+def _pixart() -> TinyCheckpoint:
+    # PixArt-Sigma (no aspect-ratio embedder; PixArt-Alpha's needs a hidden size divisible by 3)
+    return TinyCheckpoint("PixArtSigma", {
+        "t_block.1.weight": (6 * 64, 64), "x_embedder.proj.weight": (64, 4, 2, 2), "y_embedder.y_embedding": (16, 32),
+        "blocks.0.attn.qkv.weight": (3 * 64, 64),
+    }, {"num_heads": 2, "hidden_size": 64, "input_size": 16, "caption_channels": CONTEXT_DIM})
+
+
+def _hunyuan_dit() -> TinyCheckpoint:
+    keys = {"mlp_t5.0.weight": (128, CONTEXT_DIM), "x_embedder.proj.weight": (64, 4, 2, 2),
+            "extra_embedder.0.weight": (256, 1024)}
+    keys.update(_blocks("blocks.{}.norm1.weight", 2, (64,)))
+    return TinyCheckpoint("HunyuanDiT", keys, {
+        "input_size": 16, "num_heads": 2, "text_states_dim": CONTEXT_DIM, "text_states_dim_t5": CONTEXT_DIM,
+        "text_len": 8, "text_len_t5": 8})
+
+
+def _cosmos_predict2() -> TinyCheckpoint:
+    return TinyCheckpoint("CosmosT2IPredict2", {
+        "x_embedder.proj.1.weight": (64, (16 + 1) * 2 * 2), "blocks.0.mlp.layer1.weight": (256, 64),
+    }, {"max_img_h": 64, "max_img_w": 64, "max_frames": 8, "num_blocks": 1, "num_heads": 2,
+        "crossattn_emb_channels": CONTEXT_DIM, "adaln_lora_dim": 16})
+
+
+def _hunyuan3d() -> TinyCheckpoint:
+    # Hunyuan3D 2.0: joint attention over shape latents and image-encoder tokens (no text)
+    return TinyCheckpoint("Hunyuan3Dv2", {
+        "latent_in.weight": (64, 16), "cond_in.weight": (64, 32),
+        "double_blocks.0.img_attn.norm.key_norm.scale": (32,), "single_blocks.0.norm.key_norm.scale": (32,),
+    }, {"num_heads": 2})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The kinds.
 
 KINDS = {
-    # kind: (unet_config, latent_channels, text_tokens, extra cond)
-    "flux": (_FLUX, 16, 256, {"pooled_output": 24, "guidance": 3.5}),
-    "flux_schnell": (dict(_FLUX, guidance_embed=False), 16, 256, {"pooled_output": 24}),
-    "flux2": (_FLUX2, 128, 512, {"pooled_output": 24, "guidance": 4.0}),
-    "chroma": (_CHROMA, 16, 40, {"pooled_output": 24}),
-    "sd3": (_sd3_config(), 16, 154, {"pooled_output": 24}),
-    "sd35_medium": (_sd3_config(x_block_self_attn_layers=(0, 1)), 16, 154, {"pooled_output": 24}),
+    "flux": Kind(_flux(), (16, 16, 16), 256, {"pooled_output": 24, "guidance": 3.5}),
+    "flux_schnell": Kind(_flux(guidance=False), (16, 16, 16), 256, {"pooled_output": 24}),
+    "flux2": Kind(_flux2(), (128, 8, 8), 512, {"pooled_output": 24, "guidance": 4.0}),
+    "chroma": Kind(_chroma(), (16, 16, 16), 40, {"pooled_output": 24}),
+    "sd3": Kind(sd3_checkpoint(), (16, 16, 16), 154, {"pooled_output": 24}),
+    "sd35_medium": Kind(sd3_checkpoint(x_block_self_attn_layers=(0, 1)), (16, 16, 16), 154, {"pooled_output": 24}),
 }
-
 
 # Larger variants for the benchmark: FLUX-like head dim 128, attention about a third of the work.
 BENCH_CONFIGS = {
@@ -79,11 +294,101 @@ BENCH_CONFIGS = {
              "mlp_ratio": 4.0},
 }
 BENCH_LATENT = {"flux": (32, 32)}  # 256 image tokens next to 256 text tokens
+_BENCH_CHECKPOINTS = {"flux": _flux(**BENCH_CONFIGS["flux"])}
+
+# Joint-attention families beyond FLUX/SD3; the conditioning carries what each model's extra_conds expects.
+FAMILY_KINDS = {
+    "auraflow": Kind(_auraflow(), (4, 16, 16), 40, {}),
+    "hunyuan_video": Kind(_hunyuan("HunyuanVideo"), (16, 3, 8, 8), 30, {"pooled_output": 24, "guidance": 6.0}),
+    # 33 input channels: latent + concat image + mask
+    "hunyuan_video_i2v": Kind(_hunyuan("HunyuanVideoI2V", in_channels=33), (16, 3, 8, 8), 30,
+                              {"pooled_output": 24, "guidance": 6.0}),
+    "hunyuan_video15": Kind(_hunyuan("HunyuanVideo15", in_channels=33, vector=False, guidance=False, byt5=True,
+                                     v15=True), (16, 2, 8, 8), 30, {"pooled_output": 24}),
+    "hunyuan_image21": Kind(_hunyuan("HunyuanImage21", patch=(1, 1), vector=False, byt5=True), (16, 8, 8), 30, {}),
+    "hunyuan_video_skyreels": Kind(_hunyuan("HunyuanVideoSkyreelsI2V", in_channels=32), (16, 3, 8, 8), 30,
+                                   {"pooled_output": 24, "guidance": 6.0}),
+    # SR distilled: latent + (2 x 16 + 2) concat channels here (98 in the real model, which ComfyUI matches on)
+    "hunyuan_video15_sr": Kind(_hunyuan("HunyuanVideo15_SR_Distilled", in_channels=50, vector=False, guidance=False,
+                                        byt5=True, v15=True, wide_in_channels=98), (16, 2, 8, 8), 30,
+                               {"pooled_output": 24}),
+    # refiner: 3D patch 1x1x1 over a one-frame latent, latent + concat image channels, meanflow time_r input
+    "hunyuan_image21_refiner": Kind(_hunyuan("HunyuanImage21Refiner", in_channels=32, patch=(1, 1, 1), vector=False,
+                                             byt5=True, meanflow=True), (16, 1, 8, 8), 30, {}),
+    "chroma_radiance": Kind(_chroma_radiance(), (3, 32, 32), 40, {"pooled_output": 24}),
+    "qwen_image": Kind(_qwen_image(), (16, 1, 16, 16), 34, {}),
+    "hidream": Kind(_hidream(), (16, 16, 16), 36, {"pooled_output": 24}),
+    "lumina2": Kind(_lumina2(), (16, 16, 16), 38, {}),
+    "z_image": Kind(_z_image(), (16, 14, 18), 37, {}),
+    "omnigen2": Kind(_omnigen2(), (16, 16, 16), 35, {}),
+}
+
+# Models TACA refuses, built for the error-path tests (never sampled).
+UNSUPPORTED = {
+    "sd15": _unet("SD15", linear=False),
+    # a joint-attention model TACA does not support (the generic "not supported" error path)
+    "hunyuan3d": _hunyuan3d(),
+}
+# Models whose text enters through cross-attention, one tiny model per model_base class.
+CROSS_ATTENTION_KINDS = {
+    "sdxl": _unet("SDXL", linear=True, adm=2816),
+    "wan21": _wan("WAN21_T2V"),
+    "wan21_vace": _wan("WAN21_Vace", vace=True),
+    "wan22": _wan("WAN22_T2V", in_dim=48, out_dim=48),
+    "pixart": _pixart(),
+    "hunyuan_dit": _hunyuan_dit(),
+    "cosmos_predict2": _cosmos_predict2(),
+}
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
+def checkpoint(kind: str, size: str = "tiny") -> TinyCheckpoint:
+    """The tiny checkpoint description of any kind (KINDS, FAMILY_KINDS, UNSUPPORTED, CROSS_ATTENTION_KINDS)."""
+    if size == "bench":
+        return _BENCH_CHECKPOINTS[kind]
+    for table in (KINDS, FAMILY_KINDS):
+        if kind in table:
+            return table[kind].checkpoint
+    return {**UNSUPPORTED, **CROSS_ATTENTION_KINDS}[kind]
+
+
+def checkpoint_state_dict(ckpt: TinyCheckpoint, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The synthetic state dict detection reads (zeros: detection reads shapes and key names)."""
+    return {prefix + key: torch.zeros(shape) for key, shape in {**ckpt.keys, **ckpt.wide}.items()}
+
+
+def detected_class(ckpt: TinyCheckpoint) -> Optional[type]:
+    """The comfy.supported_models class ComfyUI's detection and class matching pick for the checkpoint."""
+    state_dict = checkpoint_state_dict(ckpt)
+    unet_config = comfy.model_detection.detect_unet_config(state_dict, "")
+    if unet_config is None:
+        return None
+    found = comfy.model_detection.model_config_from_unet_config(unet_config, state_dict)
+    return None if found is None else type(found)
+
+
+_DETECTED: Dict[int, Tuple[TinyCheckpoint, type, Dict[str, Any]]] = {}
+
+
+def _detect(ckpt: TinyCheckpoint) -> Tuple[type, Dict[str, Any]]:
+    """(supported_models class, unet_config of the tiny model), detected once per description."""
+    cached = _DETECTED.get(id(ckpt))
+    if cached is not None and cached[0] is ckpt:
+        return cached[1], dict(cached[2])
+    detected = comfy.model_detection.detect_unet_config(checkpoint_state_dict(ckpt), "")
+    if detected is None:
+        raise RuntimeError(f"ComfyUI's detection does not recognise the tiny {ckpt.expected} checkpoint")
+    config_class = detected_class(ckpt) if ckpt.match else getattr(comfy.supported_models, ckpt.expected)
+    if config_class is None or config_class.__name__ != ckpt.expected:
+        found = None if config_class is None else config_class.__name__
+        raise RuntimeError(f"ComfyUI picks {found} for the tiny {ckpt.expected} checkpoint: {detected}")
+    unet_config = dict(detected, **ckpt.sizes)
+    _DETECTED[id(ckpt)] = (ckpt, config_class, unet_config)
+    return config_class, dict(unet_config)
+
+
+def randomize(module: torch.nn.Module, seed: Union[int, torch.Generator]) -> None:
     """Seeded weights with unit-scale activations (ComfyUI creates parameters uninitialised)."""
-    g = torch.Generator().manual_seed(seed)
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
             if p.ndim >= 2:
@@ -99,27 +404,57 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.5 * torch.randn(b.shape, generator=g))
 
 
-def _random_patcher(model_config, dtype: torch.dtype, seed: int):
-    """(BaseModel, ModelPatcher) of a ComfyUI model config on the CPU, with seeded random weights."""
+def build_model(ckpt: TinyCheckpoint, seed: Union[int, torch.Generator] = 0, dtype: torch.dtype = torch.float32):
+    """(BaseModel, ModelPatcher) of a tiny checkpoint on the CPU, with seeded random weights."""
+    config_class, unet_config = _detect(ckpt)
+    model_config = config_class(unet_config)
     model_config.set_inference_dtype(dtype, None)
     device = torch.device("cpu")
     base = model_config.get_model({}, device=device)
-    _randomize(base.diffusion_model, seed)
+    randomize(base.diffusion_model, seed)
     base.eval()
     return base, comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 
 
-def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: str = "tiny") -> TinyModel:
-    unet_config, latent_channels, text_tokens, extra = KINDS[kind]
-    unet_config = dict(unet_config)
-    if size == "bench":
-        unet_config.update(BENCH_CONFIGS[kind])
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
-    assert model_config is not None, f"ComfyUI found no model config for {kind}"
-    base, patcher = _random_patcher(model_config, dtype, seed)
+def _patch_of(unet_config: Dict[str, Any]) -> int:
+    patch = unet_config.get("patch_size", 2)
+    return int(patch[-1]) if isinstance(patch, (list, tuple)) else int(patch)
+
+
+def _tiny(kind: str, spec: Kind, ckpt: TinyCheckpoint, seed: int, dtype: torch.dtype) -> TinyModel:
+    base, patcher = build_model(ckpt, seed, dtype)
     registers = int(getattr(base.diffusion_model, "register_length", 0) or 0)
-    patch = int(unet_config.get("patch_size", 2))
-    return TinyModel(kind, patcher, latent_channels, text_tokens, registers, patch, dict(extra))
+    return TinyModel(kind, patcher, spec.latent_shape[0], spec.text_tokens, registers,
+                     _patch_of(base.model_config.unet_config), dict(spec.extra_cond))
+
+
+def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: str = "tiny") -> TinyModel:
+    """A tiny random-weight model of one of KINDS (size "bench": the benchmark's larger variant)."""
+    return _tiny(kind, KINDS[kind], checkpoint(kind, size), seed, dtype)
+
+
+def build_family(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
+    """A tiny random-weight model of one of FAMILY_KINDS, as a ComfyUI ModelPatcher."""
+    spec = FAMILY_KINDS[kind]
+    return _tiny(kind, spec, spec.checkpoint, seed, dtype)
+
+
+def build_unsupported(kind: str):
+    """ModelPatcher of one of UNSUPPORTED (for the error paths; never sampled)."""
+    return build_model(UNSUPPORTED[kind])[1]
+
+
+def build_cross_attention(kind: str):
+    """ModelPatcher of one of CROSS_ATTENTION_KINDS (for the error paths; never sampled)."""
+    return build_model(CROSS_ATTENTION_KINDS[kind])[1]
+
+
+def unload_all() -> None:
+    comfy.model_management.unload_all_models()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs.
 
 
 def conditioning(tiny: TinyModel, seed: int, text_tokens: Optional[int] = None, batch: int = 1, **extra_cond):
@@ -144,125 +479,6 @@ def latent(tiny: TinyModel, height: int = 16, width: int = 16, batch: int = 1) -
 
 def image_tokens(tiny: TinyModel, height: int, width: int) -> int:
     return math.ceil(height / tiny.patch) * math.ceil(width / tiny.patch)
-
-
-def unload_all() -> None:
-    comfy.model_management.unload_all_models()
-
-
-# Models TACA refuses, built for the error-path tests (never sampled).
-UNSUPPORTED = {
-    "sd15": (comfy.supported_models.SD15, {
-        "context_dim": 32, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
-        "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
-        "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-        "use_checkpoint": False, "num_classes": None}),
-    # AuraFlow is joint attention but not supported yet (issue: every joint-attention model).
-    "auraflow": (comfy.supported_models.AuraFlow, {
-        "cond_seq_dim": 32, "max_seq": 64, "dim": 64, "n_layers": 2, "n_double_layers": 1, "n_heads": 2,
-        "patch_size": 2, "in_channels": 4, "out_channels": 4}),
-}
-
-
-def build_unsupported(kind: str):
-    config_class, unet_config = UNSUPPORTED[kind]
-    device = torch.device("cpu")
-    base = config_class(dict(unet_config)).get_model({}, device=device)
-    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Joint-attention families beyond FLUX/SD3 (issue 6).  Built from the supported_models class directly (their
-# unet_config detection needs real checkpoint sizes); the conditioning carries what each model's extra_conds
-# expects.  Shapes: ``latent_shape`` is the latent without batch (4D or 5D models).
-
-
-class FamilyKind(NamedTuple):
-    config_class: Any
-    unet_config: Dict[str, Any]
-    latent_shape: tuple  # (C, H, W) or (C, T, H, W)
-    text_tokens: int
-    extra_cond: Dict[str, Any]  # as KINDS: "pooled_output": width -> random tensor; other values as given
-
-
-_HUNYUAN_VIDEO = {
-    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 24,
-    "context_in_dim": CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
-    "guidance_embed": True, "byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
-}
-BYT5_DIM = 1472  # fixed input width of ComfyUI's ByT5Mapper
-VISION_DIM = 16  # tiny SigLIP width for HunyuanVideo 1.5's vision_in
-
-FAMILY_KINDS = {
-    "auraflow": FamilyKind(comfy.supported_models.AuraFlow, {
-        "cond_seq_dim": CONTEXT_DIM, "max_seq": 64, "dim": 64, "n_layers": 2, "n_double_layers": 1, "n_heads": 2,
-        "patch_size": 2, "in_channels": 4, "out_channels": 4}, (4, 16, 16), 40, {}),
-    "hunyuan_video": FamilyKind(comfy.supported_models.HunyuanVideo, _HUNYUAN_VIDEO, (16, 3, 8, 8), 30,
-                                {"pooled_output": 24, "guidance": 6.0}),
-    "hunyuan_video_i2v": FamilyKind(comfy.supported_models.HunyuanVideoI2V, dict(_HUNYUAN_VIDEO, in_channels=33),
-                                    (16, 3, 8, 8), 30, {"pooled_output": 24, "guidance": 6.0}),
-    "hunyuan_video15": FamilyKind(comfy.supported_models.HunyuanVideo15, dict(
-        _HUNYUAN_VIDEO, in_channels=33, vec_in_dim=None, guidance_embed=False, byt5=True,
-        use_cond_type_embedding=True, vision_in_dim=VISION_DIM), (16, 2, 8, 8), 30, {"pooled_output": 24}),
-    "hunyuan_image21": FamilyKind(comfy.supported_models.HunyuanImage21, dict(
-        _HUNYUAN_VIDEO, in_channels=16, vec_in_dim=None, guidance_embed=True, byt5=True, patch_size=[1, 1],
-        axes_dim=[16, 16]), (16, 8, 8), 30, {}),
-    "hunyuan_video_skyreels": FamilyKind(comfy.supported_models.HunyuanVideoSkyreelsI2V,
-                                         dict(_HUNYUAN_VIDEO, in_channels=32), (16, 3, 8, 8), 30,
-                                         {"pooled_output": 24, "guidance": 6.0}),
-    # SR distilled: latent + (2 x 16 + 2) concat channels
-    "hunyuan_video15_sr": FamilyKind(comfy.supported_models.HunyuanVideo15_SR_Distilled, dict(
-        _HUNYUAN_VIDEO, in_channels=50, vec_in_dim=None, guidance_embed=False, byt5=True,
-        use_cond_type_embedding=True, vision_in_dim=VISION_DIM), (16, 2, 8, 8), 30, {"pooled_output": 24}),
-    # refiner: 3D patch 1x1x1 over a one-frame latent, latent + concat image channels, meanflow time_r disabled
-    "hunyuan_image21_refiner": FamilyKind(comfy.supported_models.HunyuanImage21Refiner, dict(
-        _HUNYUAN_VIDEO, in_channels=32, vec_in_dim=None, guidance_embed=True, byt5=True, patch_size=[1, 1, 1],
-        meanflow=True), (16, 1, 8, 8), 30, {}),
-    # pixel-space Chroma: 3 channels, patch 4 here (16 in the real model), NeRF MLP head
-    "chroma_radiance": FamilyKind(comfy.supported_models.ChromaRadiance, dict(
-        _CHROMA, image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=4, nerf_hidden_size=16,
-        nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=0, nerf_final_head_type="linear",
-        nerf_embedder_dtype=None), (3, 32, 32), 40, {"pooled_output": 24}),
-    "qwen_image": FamilyKind(comfy.supported_models.QwenImage, {
-        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
-        "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": CONTEXT_DIM,
-        "axes_dims_rope": (8, 12, 12)}, (16, 1, 16, 16), 34, {}),
-    "hidream": FamilyKind(comfy.supported_models.HiDream, {
-        "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
-        "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2,
-        "caption_channels": [CONTEXT_DIM, 24], "text_emb_dim": 24, "num_routed_experts": 2,
-        "num_activated_experts": 1, "axes_dims_rope": [16, 8, 8], "max_resolution": [32, 32],
-        "llama_layers": [0, 1]}, (16, 16, 16), 36, {"pooled_output": 24}),
-    "lumina2": FamilyKind(comfy.supported_models.Lumina2, {
-        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 2,
-        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 2.0,
-        "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": CONTEXT_DIM, "axes_dims": [8, 12, 12],
-        "axes_lens": [300, 64, 64], "rope_theta": 10000.0}, (16, 16, 16), 38, {}),
-    # Z-Image as newer ComfyUI builds it (pad_tokens_multiple=32: caption and image tokens padded with learned
-    # pad tokens); ComfyUI 0.3.75's detection leaves pad_tokens_multiple unset, which "lumina2" covers.
-    "z_image": FamilyKind(comfy.supported_models.ZImage, {
-        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 2,
-        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 8.0 / 3.0,
-        "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": CONTEXT_DIM, "axes_dims": [32, 48, 48],
-        "axes_lens": [300, 64, 64], "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0,
-        "pad_tokens_multiple": 32}, (16, 14, 18), 37, {}),
-    "omnigen2": FamilyKind(comfy.supported_models.Omnigen2, {
-        "image_model": "omnigen2", "patch_size": 2, "in_channels": 16, "hidden_size": 64, "num_layers": 2,
-        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16,
-        "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64], "text_feat_dim": CONTEXT_DIM,
-        "timestep_scale": 1000.0}, (16, 16, 16), 35, {}),
-}
-
-
-def build_family(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
-    """A tiny random-weight model of one of FAMILY_KINDS, as a ComfyUI ModelPatcher."""
-    spec = FAMILY_KINDS[kind]
-    base, patcher = _random_patcher(spec.config_class(dict(spec.unet_config)), dtype, seed)
-    patch = spec.unet_config.get("patch_size", 2)
-    patch = int(patch[-1]) if isinstance(patch, (list, tuple)) else int(patch)
-    return TinyModel(kind, patcher, spec.latent_shape[0], spec.text_tokens, 0, patch, dict(spec.extra_cond))
 
 
 def family_latent(tiny: TinyModel, batch: int = 1, shape: Optional[tuple] = None) -> torch.Tensor:
@@ -295,46 +511,3 @@ def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens:
         options["attention_mask"] = torch.ones(batch, cond[0][0].shape[1], dtype=torch.long)
     options.update(extra_cond)
     return cond
-
-
-# Models whose text enters through cross-attention (TACA refuses them), one tiny model per model_base class
-# for the error-path tests (never sampled).
-_SDXL_UNET = {
-    "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": 32,
-    "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
-    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth_output": [0, 0, 1, 1],
-    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-    "use_checkpoint": False, "num_classes": "sequential", "num_head_channels": 32,
-}
-_WAN = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16,
-        "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 2, "num_layers": 1}
-CROSS_ATTENTION_KINDS = {
-    "sdxl": (comfy.supported_models.SDXL, _SDXL_UNET),
-    "wan21": (comfy.supported_models.WAN21_T2V, _WAN),
-    "wan21_vace": (comfy.supported_models.WAN21_Vace, dict(_WAN, vace_layers=1, vace_in_dim=96)),
-    "wan22": (comfy.supported_models.WAN22_T2V, dict(_WAN, in_dim=48, out_dim=48)),
-    "pixart": (comfy.supported_models.PixArtAlpha, {
-        "image_model": "pixart_alpha", "input_size": 16, "patch_size": 2, "in_channels": 4, "hidden_size": 64,
-        "depth": 1, "num_heads": 2, "caption_channels": 32, "model_max_length": 16, "micro_condition": False}),
-    "hunyuan_dit": (comfy.supported_models.HunyuanDiT, {
-        "image_model": "hydit", "input_size": 16, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2,
-        "num_heads": 2, "text_states_dim": 32, "text_states_dim_t5": 32, "text_len": 8, "text_len_t5": 8}),
-    "cosmos_predict2": (comfy.supported_models.CosmosT2IPredict2, {
-        "image_model": "cosmos_predict2", "max_img_h": 64, "max_img_w": 64, "max_frames": 8, "in_channels": 16,
-        "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64, "num_blocks": 1,
-        "num_heads": 2, "crossattn_emb_channels": 32, "pos_emb_cls": "rope3d", "adaln_lora_dim": 16}),
-}
-
-
-def build_cross_attention(kind: str):
-    config_class, unet_config = CROSS_ATTENTION_KINDS[kind]
-    device = torch.device("cpu")
-    base = config_class(dict(unet_config)).get_model({}, device=device)
-    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
-
-
-# A joint-attention model TACA does not support yet (for the generic "not supported" error path): Hunyuan3D 2.0 runs
-# joint attention over shape latents and image-encoder tokens (no text).
-UNSUPPORTED["hunyuan3d"] = (comfy.supported_models.Hunyuan3Dv2, {
-    "image_model": "hunyuan3d2", "in_channels": 16, "context_in_dim": 32, "hidden_size": 64, "num_heads": 2,
-    "depth": 1, "depth_single_blocks": 1})
