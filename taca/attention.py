@@ -268,10 +268,14 @@ def flex_taca_attention(
     span: TextSpan,
     gamma: float,
     flex_fn: Optional[Callable] = None,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """The paper's listing 1 through flex_attention; q, k, v are (B, H, N, D).
+    """The paper's listing 1 through flex_attention; q is (B, H, N, D), k and v (B, H_kv, N, D).
 
-    ``flex_fn`` is flex_attention itself or a compiled version of it.
+    ``flex_fn`` is flex_attention itself or a compiled version of it.  ``scale`` is the softmax scale
+    (None: 1/sqrt(D)); gamma multiplies the scaled logit.  ``enable_gqa``: K and V have fewer heads than
+    Q, query head h reading K/V head h // (H / H_kv), as in scaled_dot_product_attention.
     """
     if flex_fn is None:
         require_flex()
@@ -293,4 +297,9 @@ def flex_taca_attention(
             return torch.where(m, score, -float("inf"))
         return score + m.to(score.dtype)
 
-    return flex_fn(q, k, v, score_mod=score_mod)
+    extra = {}
+    if scale is not None:
+        extra["scale"] = scale
+    if enable_gqa:
+        extra["enable_gqa"] = True
+    return flex_fn(q, k, v, score_mod=score_mod, **extra)

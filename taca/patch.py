@@ -15,7 +15,11 @@ own settings and the input model is never touched):
   node came first, because it is read at call time.
 
 When TACA is inactive (sigma below the threshold, or gamma == 1) the wrapper
-passes the original arguments straight through: same kernels, same bits.
+passes the original arguments straight through: same kernels, same bits.  On
+such calls the override key still holds something (the override that was
+there, or ``passthrough_attention``), so ``transformer_options`` has the same
+keys on every call of a patched model: torch.compile guards on those keys, and
+a key that comes and goes breaks them.
 
 ComfyUI is only touched through the objects it passes in; importing this
 module does not import ComfyUI.
@@ -24,7 +28,7 @@ module does not import ComfyUI.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -45,6 +49,22 @@ SIGMA_CACHE_KEY = "taca_sigma"
 # ComfyUI's attention functions: (q, k, v, heads, mask=None, attn_precision=None,
 # skip_reshape=False, skip_output_reshape=False, **kwargs)
 _ATTENTION_PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+# Keywords flex computes itself (the rest of the list only routes the call).  A joint call with any other
+# keyword takes the exact path, which hands every keyword on to the backend.  low_precision_attention=False
+# asks a quantised kernel (Sage) not to quantise; flex never does, so it holds already.
+_FLEX_KEYWORDS = frozenset({"attn_precision", "skip_reshape", "skip_output_reshape", "enable_gqa", "scale",
+                            "low_precision_attention", "transformer_options", "_inside_attn_wrapper"})
+
+
+def passthrough_attention(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The override of a patched model's calls where TACA does not act and no other override was set.
+
+    It calls the kernel ComfyUI's ``wrap_attn`` selected with the very same arguments, so the result is
+    bit for bit the unpatched one.  Like TacaAttentionOverride it has no ``container_function``: on
+    ComfyUI 0.33 ``wrap_attn`` then takes the tensors out of AttentionTensorContainer inputs and hands
+    them over, as it does for every kernel without a container function of its own.
+    """
+    return func(*args, **kwargs)
 
 
 class TacaSettings(NamedTuple):
@@ -88,20 +108,31 @@ class _FlexKernel:
     compile_failed = False
 
     @classmethod
-    def run(cls, q, k, v, mask, span: TextSpan, gamma: float) -> torch.Tensor:
+    def run(cls, q, k, v, mask, span: TextSpan, gamma: float, scale: Optional[float] = None,
+            enable_gqa: bool = False) -> torch.Tensor:
         taca_attention.require_flex()
         from torch.nn.attention.flex_attention import flex_attention
 
+        extra = {"scale": scale, "enable_gqa": enable_gqa}
         if not cls.compile_failed:
             try:
                 if cls.compiled is None:
                     cls.compiled = torch.compile(flex_attention, dynamic=False)
-                return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=cls.compiled)
+                return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=cls.compiled, **extra)
             except Exception as err:  # a compiler that does not work here is not the user's problem
                 cls.compile_failed = True
                 log.warning("TACA flex: torch.compile of flex_attention failed (%s: %s); using eager "
                             "flex_attention, which is exact but slow.", type(err).__name__, err)
-        return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=flex_attention)
+        return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=flex_attention, **extra)
+
+
+_warned: Set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _compiling() -> bool:
@@ -166,16 +197,23 @@ class TacaAttentionOverride:
 
         gamma = self.settings.gamma
         mode = self.settings.mode
+        if mode == "flex" and not _FLEX_KEYWORDS.issuperset(params):
+            _warn_once(f"TACA flex: this model passes attention keywords flex does not implement "
+                       f"({', '.join(sorted(set(params) - _FLEX_KEYWORDS))}); its joint calls use mode 'exact', "
+                       "which hands them on to the attention kernel.")
+            mode = "exact"
         if mode == "selective":
             policy = "borrowed" if _may_borrow(k, q, v) else "copy"
             return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim, policy)
-        # exact and flex work on (B, H, N, D); SD3 passes (B, N, H*D), with v as (B, N, H, D).
+        # exact and flex work on (B, H, N, D); SD3 passes (B, N, H*D), with v as (B, N, H, D).  With
+        # enable_gqa K and V carry fewer heads than Q, so the head size comes from Q.
         if seq_dim == 1:
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            dim_head = q.shape[-1] // heads
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2) for t in (q, k, v))
             params = dict(params, skip_reshape=True)
             seq_dim = 2
         if mode == "flex":
-            return self._flex(q, k, v, mask, out_seq_dim, span)
+            return self._flex(q, k, v, mask, out_seq_dim, span, params)
         # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
         # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).  A K we
         # had to copy for that is ours to scale in place; the caller's own K is borrowed when that is safe.
@@ -199,11 +237,15 @@ class TacaAttentionOverride:
                 [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
         return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim, policy)
 
-    def _flex(self, q, k, v, mask, out_seq_dim: int, span: TextSpan) -> torch.Tensor:
-        """q, k, v as (B, H, N, D)."""
+    def _flex(self, q, k, v, mask, out_seq_dim: int, span: TextSpan, params: Dict[str, Any]) -> torch.Tensor:
+        """q as (B, H, N, D), k and v as (B, H_kv, N, D); ``params`` the call's other keywords."""
+        dtype = q.dtype
+        if params.get("attn_precision") == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()  # the caller asked for fp32 attention
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        out = _FlexKernel.run(q, k, v, mask, span, self.settings.gamma)
+        out = _FlexKernel.run(q, k, v, mask, span, self.settings.gamma, params.get("scale"),
+                              bool(params.get("enable_gqa", False))).to(dtype)
         if out_seq_dim == 1:
             b, h, n, d = out.shape
             out = out.transpose(1, 2).reshape(b, n, h * d)
@@ -224,6 +266,8 @@ class TacaApplyModelWrapper:
         if not self.settings.active_at(sigma):
             if self.report is not None:
                 self.report.record(sigma, acted=False)
+            # The key is there on TACA calls, so it is here too (see the module docstring).
+            options.setdefault(OVERRIDE_KEY, passthrough_attention)
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
         diffusion_model = executor.class_obj.diffusion_model

@@ -32,11 +32,20 @@ def installed_override(patcher):
     return patcher.model_options["transformer_options"][OVERRIDE_KEY]
 
 
-def _to_bhnd(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+def _to_bhnd(t: torch.Tensor, dim_head: int, skip_reshape: bool) -> torch.Tensor:
     if skip_reshape:
         return t
-    # (B, N, H*D), or (B, N, H, D) as SD3 passes v
-    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    # (B, N, H*D), or (B, N, H, D) as SD3 passes v; with enable_gqa K and V have fewer heads of the same size
+    return t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2)
+
+
+def _reference_bhnd(q, k, v, heads, skip_reshape, kwargs):
+    """q, k, v as (B, H, N, D) / (B, H_kv, N, D), and the softmax scale the call asked for (None: 1/sqrt(D))."""
+    dim_head = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+    q4, k4, v4 = (_to_bhnd(t, dim_head, skip_reshape) for t in (q, k, v))
+    if k4.shape[1] != q4.shape[1]:
+        assert kwargs.get("enable_gqa", False), "fewer K/V heads than Q heads without enable_gqa"
+    return q4, k4, v4, kwargs.get("scale")
 
 
 def _mask_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -76,9 +85,9 @@ class ReferenceTacaAttention:
             return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision,
                                   skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs))
         self.joint_calls += 1
-        q4, k4, v4 = (_to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
+        q4, k4, v4, scale = _reference_bhnd(q, k, v, heads, skip_reshape, kwargs)
         out = taca_reference(q4, k4, v4, self.text[0], self.text[1], self.gamma, _mask_4d(mask),
-                             visual_rows_only_text_scaling=not self.listing2).to(q.dtype)
+                             visual_rows_only_text_scaling=not self.listing2, scale=scale).to(q.dtype)
         if not skip_output_reshape:
             b, h, n, d = out.shape
             out = out.transpose(1, 2).reshape(b, n, h * d)
@@ -136,9 +145,9 @@ class MultiLayoutReference:
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
         self.joint_calls[n] += 1
-        q4, k4, v4 = (_to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
+        q4, k4, v4, scale = _reference_bhnd(q, k, v, heads, skip_reshape, kwargs)
         start, stop = self.layouts[n]
-        out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask)).to(q.dtype)
+        out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask), scale=scale).to(q.dtype)
         if not skip_output_reshape:
             b, h, n_, d = out.shape
             out = out.transpose(1, 2).reshape(b, n_, h * d)

@@ -20,17 +20,26 @@ def taca_reference(
     gamma: float,
     mask: Optional[torch.Tensor] = None,
     visual_rows_only_text_scaling: bool = True,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """q, k, v: (B, H, N, D). Returns float64 (B, H, N, D).
+    """q: (B, H, N, D); k, v: (B, H_kv, N, D) with H_kv dividing H. Returns float64 (B, H, N, D).
 
-    P(i, j) = softmax_j(gamma_ij * q_i.k_j / sqrt(D) + mask_ij) with gamma_ij = gamma
-    for visual query i and text key j, else 1.  With
+    P(i, j) = softmax_j(gamma_ij * scale * q_i.k_j + mask_ij) with gamma_ij = gamma
+    for visual query i and text key j, else 1, and scale = 1/sqrt(D) unless given.  With
     ``visual_rows_only_text_scaling=False`` the text keys are scaled for every
     query (the paper's listing 2), used to check the text rows of 'selective'.
+    Grouped-query attention (H_kv < H): query head h reads key/value head h // (H / H_kv).
     """
     q, k, v = q.double(), k.double(), v.double()
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads:
+        assert heads % kv_heads == 0 and v.shape[1] == kv_heads, (q.shape, k.shape, v.shape)
+        kv_head_of = [h // (heads // kv_heads) for h in range(heads)]
+        k, v = k[:, kv_head_of], v[:, kv_head_of]
     n_q, n_k = q.shape[-2], k.shape[-2]
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / (q.shape[-1] ** 0.5)
+    if scale is None:
+        scale = 1.0 / (q.shape[-1] ** 0.5)
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) * scale
     is_text_q = torch.zeros(n_q, dtype=torch.bool)
     is_text_q[text_start:text_stop] = True
     is_text_k = torch.zeros(n_k, dtype=torch.bool)

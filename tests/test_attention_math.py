@@ -282,3 +282,76 @@ def test_unknown_key_policy_is_refused():
     q, k, v = make_inputs(9, 30, torch.float32)
     with pytest.raises(ValueError, match="key policy"):
         taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, TextSpan.text_first(9, 39), GAMMA, 2, 2, "steal")
+
+
+def sdpa_bhnd_with(**sdpa_kwargs):
+    """A fused backend that takes the call's softmax scale and grouped-query flag, as ComfyUI 0.33's do."""
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa_kwargs)
+
+    return attend
+
+
+def make_gqa_inputs(n_text, n_visual, heads, kv_heads, dtype=torch.float32, batch=2, dim=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    n = n_text + n_visual
+    q = torch.randn(batch, heads, n, dim, generator=g) * 2.0
+    k, v = (torch.randn(batch, kv_heads, n, dim, generator=g) for _ in range(2))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+# (query heads, key/value heads, softmax scale): grouped-query attention, a scale other than 1/sqrt(D), both.
+KEYWORD_CASES = [(4, 2, None), (4, 1, None), (3, 3, 0.4), (4, 2, 0.07)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,scale", KEYWORD_CASES)
+@pytest.mark.parametrize("mode", ["exact", "selective", "flex"])
+@pytest.mark.parametrize("order", ["text_first", "text_last"])
+@pytest.mark.parametrize("mask_kind", [None, "additive"])
+def test_grouped_query_attention_and_softmax_scale_in_every_mode(heads, kv_heads, scale, mode, order, mask_kind):
+    """K/V with fewer heads than Q (enable_gqa) and a given softmax scale: gamma multiplies scale * q.k."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v = make_gqa_inputs(7, 33, heads, kv_heads)
+    b, h, n, _ = q.shape
+    mask = make_mask(mask_kind, b, h, n)
+    span = spans_for(7, 33, order)
+    gqa = kv_heads != heads
+    sdpa_kwargs = {"enable_gqa": True} if gqa else {}
+    if scale is not None:
+        sdpa_kwargs["scale"] = scale
+    attend = sdpa_bhnd_with(**sdpa_kwargs)
+    k_before = k.clone()
+    if mode == "exact":
+        out = taca_attention.exact_attention(attend, q, k, v, mask, span, GAMMA, 2, 2, "borrowed")
+    elif mode == "selective":
+        out = taca_attention.selective_attention(attend, q, k, v, mask, span, GAMMA, 2, "borrowed")
+    else:
+        out = taca_attention.flex_taca_attention(q, k, v, mask, span, GAMMA, flex_fn=flex_attention,
+                                                 scale=scale, enable_gqa=gqa)
+    assert out.shape == q.shape and torch.equal(k, k_before)
+    ref = taca_reference(q, k, v, span.start, span.stop, GAMMA, mask, visual_rows_only_text_scaling=(mode != "selective"),
+                         scale=scale)
+    assert max_row_rel_err(out, ref) <= 1e-5
+    # Both keywords matter here: ignoring the scale, or pairing the heads differently, is far from the reference.
+    if scale is not None:
+        assert max_row_rel_err(taca_reference(q, k, v, span.start, span.stop, GAMMA, mask,
+                                              visual_rows_only_text_scaling=(mode != "selective")), ref) > 1e-2
+    if gqa:
+        tiled = [t.repeat(1, heads // kv_heads, 1, 1) for t in (k, v)]  # head h -> h % H_kv instead of h // group
+        other = taca_reference(q, *tiled, span.start, span.stop, GAMMA, mask,
+                               visual_rows_only_text_scaling=(mode != "selective"), scale=scale)
+        if kv_heads > 1:
+            assert max_row_rel_err(other, ref) > 1e-2
+
+
+def test_reference_grouped_heads_equal_explicitly_repeated_heads():
+    """The reference's GQA pairing is PyTorch's: query head h reads K/V head h // (H / H_kv)."""
+    q, k, v = make_gqa_inputs(5, 20, 4, 2)
+    repeated = [t.repeat_interleave(2, dim=1) for t in (k, v)]
+    a = taca_reference(q, k, v, 0, 5, GAMMA, scale=0.3)
+    b = taca_reference(q, *repeated, 0, 5, GAMMA, scale=0.3)
+    assert torch.equal(a, b)
+    plain = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, scale=0.3)
+    assert max_row_rel_err(taca_reference(q, k, v, 0, 5, 1.0, scale=0.3), plain) <= 1e-12

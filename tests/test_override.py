@@ -9,10 +9,14 @@ import pytest
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfyui_version
 
+from devtools.comfy_runtime import version_key
 from reference import max_row_rel_err, taca_reference
 from taca.attention import TextSpan
-from taca.patch import TacaAttentionOverride, TacaSettings
+from taca.patch import OVERRIDE_KEY, TacaAttentionOverride, TacaSettings, passthrough_attention
+
+COMFYUI_VERSION = comfyui_version.__version__
 
 GAMMA = 1.2
 HEADS, DIM, TEXT, VISUAL = 3, 16, 7, 25
@@ -102,3 +106,135 @@ def test_inference_tensors_outside_inference_mode(mode):
         out = call_bhnd(mode, q, k, v)
     assert torch.equal(k, k_before)
     check_rows(out, expected(q, k, v, mode))
+
+
+# ComfyUI's own attention functions, called the way its models call them: through wrap_attn, with the override
+# in transformer_options.  optimized_attention is what ComfyUI selected here (sub-quadratic on a CPU).
+COMFY_FUNCTIONS = ["optimized_attention", "attention_pytorch", "attention_basic", "attention_split", "attention_sub_quad"]
+GQA_HEADS, GQA_KV_HEADS = 4, 2
+# enable_gqa (K/V with half the heads of Q), a softmax scale other than 1/sqrt(D), and both
+KEYWORDS = {"gqa": {"enable_gqa": True}, "scale": {"scale": 0.11}, "gqa_scale": {"enable_gqa": True, "scale": 0.4}}
+
+
+def keyword_inputs(kwargs, seed=5):
+    heads = GQA_HEADS
+    kv_heads = GQA_KV_HEADS if kwargs.get("enable_gqa") else GQA_HEADS
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, TEXT + VISUAL, DIM, generator=g) * 2.0
+    k, v = (torch.randn(2, kv_heads, TEXT + VISUAL, DIM, generator=g) for _ in range(2))
+    return q, k, v
+
+
+def to_tokens(t):
+    """(B, H, N, D) -> (B, N, H*D), ComfyUI's default layout."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d).contiguous()
+
+
+def call_comfy(func, q, k, v, skip_reshape, options, kwargs):
+    """q, k, v as (B, H, N, D); returns (B, H, N, D) whatever the layout the call used."""
+    if skip_reshape:
+        out = func(q, k, v, GQA_HEADS, skip_reshape=True, skip_output_reshape=True, transformer_options=options,
+                   **kwargs)
+        return out
+    out = func(to_tokens(q), to_tokens(k), to_tokens(v), GQA_HEADS, transformer_options=options, **kwargs)
+    return out.view(out.shape[0], -1, GQA_HEADS, DIM).transpose(1, 2)
+
+
+def comfy_function_honours(func, kwargs) -> bool:
+    """Whether this ComfyUI's kernel itself takes the keywords (ComfyUI 0.3.75's do not know them)."""
+    q, k, v = keyword_inputs(kwargs)
+    try:
+        out = call_comfy(func, q, k, v, True, {}, kwargs)
+    except RuntimeError:  # 0.3.75: K/V head count does not match Q's
+        return False
+    plain = taca_reference(q, k, v, 0, 0, 1.0, scale=kwargs.get("scale"))
+    return max_row_rel_err(out, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("skip_reshape", [True, False], ids=["bhnd", "tokens"])
+@pytest.mark.parametrize("keywords", list(KEYWORDS))
+@pytest.mark.parametrize("mode", ["exact", "selective", "flex"])
+@pytest.mark.parametrize("name", COMFY_FUNCTIONS)
+def test_enable_gqa_and_scale_on_comfy_attention_functions(name, mode, keywords, skip_reshape):
+    func = getattr(comfy_attention, name)
+    kwargs = KEYWORDS[keywords]
+    if not comfy_function_honours(func, kwargs):
+        # Only ComfyUI versions before 0.33 have kernels without these keywords (and no model passes them there).
+        assert version_key(COMFYUI_VERSION) < version_key("0.33.0"), (COMFYUI_VERSION, name, kwargs)
+        pytest.skip(f"ComfyUI {COMFYUI_VERSION}'s {name} does not take {sorted(kwargs)}")
+    q, k, v = keyword_inputs(kwargs)
+    k_before = k.clone()
+    taca = override(mode)
+    out = call_comfy(func, q, k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
+    assert taca.joint_calls == 1 and taca.other_calls == 0  # wrap_attn handed the call to TACA
+    assert torch.equal(k, k_before)
+    ref = taca_reference(q, k, v, SPAN.start, SPAN.stop, GAMMA, visual_rows_only_text_scaling=(mode != "selective"),
+                         scale=kwargs.get("scale"))
+    check_rows(out, ref)
+    # The keyword changes the result: computing without it is far from the reference.
+    if "scale" in kwargs:
+        unscaled = taca_reference(q, k, v, SPAN.start, SPAN.stop, GAMMA, visual_rows_only_text_scaling=(mode != "selective"))
+        assert max_row_rel_err(unscaled, ref) > 1e-2
+
+
+@pytest.mark.parametrize("name", COMFY_FUNCTIONS)
+def test_flex_keeps_low_precision_attention_and_hands_unknown_keywords_to_the_kernel(name):
+    """low_precision_attention=False is honoured by flex as it stands (it never quantises); a keyword flex does
+    not implement sends the joint call through the exact path, which gives it to the kernel."""
+    func = getattr(comfy_attention, name)
+    q, k, v = inputs()
+    ref = expected(q, k, v, "flex")
+    taca = override("flex")
+    out = taca(func, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True, low_precision_attention=False)
+    check_rows(out, ref)
+    seen = []
+
+    def kernel(q_, k_, v_, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+               **kwargs):  # a kernel taking a keyword of its own, as another pack's might
+        seen.append(kwargs["block_sparse"])
+        return func(q_, k_, v_, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
+
+    out = taca(kernel, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True, block_sparse="yes")
+    assert seen == ["yes", "yes"]  # two row-group calls, each with the keyword
+    check_rows(out, expected(q, k, v, "exact"))
+
+
+def test_passthrough_is_bit_identical_through_wrap_attn():
+    """The override a patched model gets where TACA does not act: the same kernel, the same bits."""
+    q, k, v = inputs()
+    for skip in (True, False):
+        args = (q, k, v) if skip else tuple(to_tokens(t) for t in (q, k, v))
+        plain = comfy_attention.optimized_attention(*args, HEADS, skip_reshape=skip, transformer_options={})
+        passed = comfy_attention.optimized_attention(*args, HEADS, skip_reshape=skip,
+                                                     transformer_options={OVERRIDE_KEY: passthrough_attention})
+        assert torch.equal(plain, passed)
+
+
+def _container_class():
+    container = getattr(comfy_attention, "AttentionTensorContainer", None)
+    if container is None:
+        assert version_key(COMFYUI_VERSION) < version_key("0.33.0"), COMFYUI_VERSION
+        pytest.skip(f"ComfyUI {COMFYUI_VERSION} has no AttentionTensorContainer (MiniMaxH3's q/k/v, from 0.33)")
+    return container
+
+
+@pytest.mark.parametrize("mode", ["exact", "selective", "flex"])
+def test_tensor_containers_reach_the_override_as_tensors(mode):
+    """q/k/v in AttentionTensorContainers: TACA has no container_function, so wrap_attn takes the tensors out
+    and hands them to the override, which acts on them (it is not bypassed)."""
+    container = _container_class()
+    q, k, v = inputs()
+    boxes = [container(t) for t in (q, k, v)]
+    taca = override(mode)
+    out = comfy_attention.optimized_attention(*boxes, HEADS, skip_reshape=True, skip_output_reshape=True,
+                                              transformer_options={OVERRIDE_KEY: taca})
+    assert taca.joint_calls == 1
+    assert all(box.tensor is None for box in boxes)  # consumed, as a container kernel would
+    check_rows(out, expected(q, k, v, mode))
+    boxes = [container(t) for t in (q, k, v)]
+    passed = comfy_attention.optimized_attention(*boxes, HEADS, skip_reshape=True, skip_output_reshape=True,
+                                                 transformer_options={OVERRIDE_KEY: passthrough_attention})
+    plain = comfy_attention.optimized_attention(*[container(t) for t in (q, k, v)], HEADS, skip_reshape=True,
+                                                skip_output_reshape=True)
+    assert torch.equal(passed, plain)
