@@ -54,8 +54,33 @@ def open_frontend(browser, url: str, viewport=(1600, 900)):
     return page
 
 
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
+
+
+class RendererMissing(Exception):
+    """The frontend has no Vue node renderer (no such setting)."""
+
+
+def set_renderer(page, renderer: str) -> None:
+    """Switches the node renderer, "classic" (LiteGraph canvas) or "vue" ("Nodes 2.0"), through the
+    frontend's settings API, as its settings dialog does, and waits until the canvas uses it."""
+    vue = renderer == "vue"
+    known = page.evaluate("(id) => app.extensionManager.setting.get(id) !== undefined", VUE_NODES_SETTING)
+    if not known:
+        if not vue:
+            return  # the classic canvas is the only renderer
+        version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+        raise RendererMissing(f"frontend {version} has no {VUE_NODES_SETTING} setting: no Vue node renderer")
+    page.evaluate("async ([id, on]) => { await app.extensionManager.setting.set(id, on); }", [VUE_NODES_SETTING, vue])
+    page.wait_for_function("(on) => !!LiteGraph.vueNodesMode === on", arg=vue, timeout=30_000)
+
+
 def load_workflow(page, workflow: Dict[str, Any]) -> None:
     page.evaluate("async (wf) => { await app.loadGraphData(wf); app.canvas.draw(true, true); }", workflow)
+    if page.evaluate("() => !!LiteGraph.vueNodesMode"):
+        # Vue nodes mount after the graph is loaded
+        page.wait_for_function("(n) => document.querySelectorAll('[data-node-id]').length >= n",
+                               arg=len(workflow.get("nodes", [])), timeout=30_000)
 
 
 def set_focus_mode(page, on: bool = True) -> None:

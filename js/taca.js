@@ -10,9 +10,13 @@
 // Patch Model node (taca/report.py). The node shows what TACA did in that run, and the run's warning
 // (for example "TACA never acted: the run started at sigma 0.866 ...") in a warning colour.
 //
-// Everything is drawn on the graph canvas; the strings the server sends are only ever drawn with
-// fillText, never parsed as HTML. What was last drawn is kept in `node.tacaPlot` (and the run
-// feedback in `node.tacaFeedback`) for tests and other extensions.
+// The plot is a DOM widget (node.addDOMWidget) holding its own <canvas>, so it looks and updates the
+// same in the classic LiteGraph canvas and in the Vue node renderer ("Nodes 2.0"): the frontend only
+// places the element; this file paints it, from one function (refresh), whenever what it shows
+// changes. The strings the server sends are only ever drawn with fillText, never parsed as HTML.
+// What was last drawn is kept in `node.tacaPlot` (bar coordinates in CSS pixels of the plot's
+// canvas, `node.tacaCanvas`) and the run feedback in `node.tacaFeedback`, for tests and other
+// extensions.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -38,7 +42,6 @@ export const COLORS = {
 const FONT = "11px Arial, sans-serif";
 const LINE = 14;
 const PAD = 6;
-const MARGIN = 15;
 const BARS_HEIGHT = 32;
 
 // ----------------------------------------------------------------------------------- pure helpers
@@ -156,9 +159,10 @@ export function wrapText(ctx, text, maxWidth) {
   return lines;
 }
 
+/** What the plot shows at this width (CSS pixels of the plot's own canvas), and how tall it is. */
 function layout(node, width) {
   const ctx = measurer();
-  const inner = Math.max(40, width - 2 * MARGIN - 2 * PAD);
+  const inner = Math.max(40, width - 2 * PAD);
   const plot = computePlot(widgetValue(node, "gamma", 1.2), widgetValue(node, "threshold_sigma", 0.97),
     node.tacaReport ?? null);
   const labelLines = wrapText(ctx, plot.label, inner);
@@ -173,44 +177,37 @@ function layout(node, width) {
     }
   }
   const height = PAD + labelLines.length * LINE + 4 + BARS_HEIGHT + 4 + feedbackLines.length * LINE + PAD;
-  return { plot, labelLines, feedback, feedbackLines, height };
+  return { plot, labelLines, feedback, feedbackLines, height, width };
 }
 
-function drawSchedule(ctx, node, width, y, showText = true) {
-  const lay = layout(node, width);
-  const { plot } = lay;
-  const x0 = MARGIN;
-  const w = width - 2 * MARGIN;
+function drawSchedule(ctx, lay) {
+  const { plot, width: w } = lay;
   ctx.save();
+  ctx.clearRect(0, 0, w, lay.height);
   ctx.fillStyle = COLORS.background;
   ctx.beginPath();
-  if (ctx.roundRect) ctx.roundRect(x0, y, w, lay.height, 6);
-  else ctx.rect(x0, y, w, lay.height);
+  if (ctx.roundRect) ctx.roundRect(0, 0, w, lay.height, 6);
+  else ctx.rect(0, 0, w, lay.height);
   ctx.fill();
 
   ctx.font = FONT;
   ctx.textAlign = "left";
   ctx.textBaseline = "alphabetic";
-  let ty = y + PAD;
-  if (showText) {
-    ctx.fillStyle = plot.activeSteps.length && plot.gamma !== 1 ? COLORS.label : COLORS.muted;
-    for (const line of lay.labelLines) {
-      ctx.fillText(line, x0 + PAD, ty + LINE - 4);
-      ty += LINE;
-    }
-  } else {
-    ty += lay.labelLines.length * LINE;
+  let ty = PAD;
+  ctx.fillStyle = plot.activeSteps.length && plot.gamma !== 1 ? COLORS.label : COLORS.muted;
+  for (const line of lay.labelLines) {
+    ctx.fillText(line, PAD, ty + LINE - 4);
+    ty += LINE;
   }
   ty += 4;
 
   // bars: one per step, height proportional to gamma (active) or 1 (inactive)
   const top = Math.max(plot.gamma, 1);
-  const barsX = x0 + PAD;
+  const barsX = PAD;
   const barsW = w - 2 * PAD;
   const base = ty + BARS_HEIGHT;
   const slot = barsW / Math.max(plot.steps, 1);
   const gap = slot > 4 ? 1 : 0;
-  plot.bars = [];
   for (let i = 0; i < plot.steps; i++) {
     const h = Math.max(1, (plot.heights[i] / top) * (BARS_HEIGHT - 2));
     const bx = barsX + i * slot;
@@ -231,25 +228,17 @@ function drawSchedule(ctx, node, width, y, showText = true) {
   ctx.setLineDash?.([]);
   ty = base + 4;
 
-  if (showText) {
-    for (const line of lay.feedbackLines) {
-      ctx.fillStyle = line.color;
-      ctx.fillText(line.text, x0 + PAD, ty + LINE - 4);
-      ty += LINE;
-    }
+  for (const line of lay.feedbackLines) {
+    ctx.fillStyle = line.color;
+    ctx.fillText(line.text, PAD, ty + LINE - 4);
+    ty += LINE;
   }
   ctx.restore();
-
-  plot.widgetY = y;
-  plot.height = lay.height;
-  plot.drawCount = (node.tacaPlot?.drawCount ?? 0) + 1;
-  node.tacaPlot = plot;
-  node.tacaFeedback = lay.feedback
-    ? { ...lay.feedback, lines: lay.feedbackLines.map((l) => l.text), warningShown: !!lay.feedback.warning }
-    : null;
 }
 
 // The warning is also flagged in the title bar, which stays visible when a node below overlaps the body.
+// The classic renderer draws node titles on the graph canvas (onDrawForeground); Vue nodes draw their own
+// header, without it, and show the warning in the plot only.
 export const TITLE_WARNING = "⚠ TACA never acted";
 
 function drawTitleWarning(ctx, node) {
@@ -272,6 +261,7 @@ function drawTitleWarning(ctx, node) {
   node.tacaTitleWarning = { text, right: node.size[0] - 10, y: -titleHeight / 2 };
 }
 
+/** Grows the node when the plot needs more room than it has (never shrinks what the user sized). */
 function fitNode(node) {
   try {
     const min = node.computeSize?.();
@@ -284,65 +274,103 @@ function fitNode(node) {
   }
 }
 
-function redraw(node) {
-  fitNode(node);
-  node.setDirtyCanvas?.(true, true);
-  app.graph?.setDirtyCanvas?.(true, true);
+/**
+ * The one redraw path: paints the node's plot when what it shows (widget values, last report, width)
+ * changed since the last paint. Cheap when nothing changed, so any event may call it.
+ */
+function refresh(node) {
+  const view = node.tacaView;
+  if (!view) return;
+  try {
+    const measured = view.element.clientWidth;
+    // not laid out yet (hidden, off screen, collapsed): the width the classic renderer will give it
+    const width = measured > 0 ? measured : Math.max(60, (node.size?.[0] ?? 320) - 2 * margin(view));
+    const gamma = widgetValue(node, "gamma", 1.2);
+    const threshold = widgetValue(node, "threshold_sigma", 0.97);
+    const key = `${gamma}|${threshold}|${view.reportSeq}|${width}`;
+    if (key === view.key) return;
+    view.key = key;
+    const lay = layout(node, width);
+    const ratio = 2 * Math.max(1, globalThis.devicePixelRatio || 1); // sharp when the canvas is zoomed in
+    const canvas = view.canvas;
+    canvas.style.height = `${lay.height}px`;
+    canvas.width = Math.max(1, Math.round(width * ratio));
+    canvas.height = Math.max(1, Math.round(lay.height * ratio));
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    drawSchedule(ctx, lay);
+    const plot = lay.plot;
+    plot.width = width;
+    plot.height = lay.height;
+    plot.drawCount = (node.tacaPlot?.drawCount ?? 0) + 1;
+    node.tacaPlot = plot;
+    node.tacaFeedback = lay.feedback
+      ? { ...lay.feedback, lines: lay.feedbackLines.map((l) => l.text), warningShown: !!lay.feedback.warning }
+      : null;
+    if (lay.height !== view.height) {
+      view.height = lay.height;
+      fitNode(node);
+    }
+    node.setDirtyCanvas?.(true, true); // the title warning, and the classic renderer's widget layout
+  } catch (err) {
+    console.error("[comfyui-taca] schedule drawing failed", err);
+  }
+}
+
+function margin(view) {
+  return view.widget?.margin ?? 10;
+}
+
+function plotHeight(node, view) {
+  const height = view.height || layout(node, Math.max(60, (node.size?.[0] ?? 320) - 2 * margin(view))).height;
+  return height + 2 * margin(view);
 }
 
 function addScheduleWidget(node) {
   if (node.widgets?.some((w) => w.name === WIDGET_NAME)) return;
-  const widget = {
-    name: WIDGET_NAME,
-    type: "taca_schedule",
-    value: "",
-    serialize: false, // not part of widgets_values
-    options: { serialize: false }, // not part of the prompt
-    // LiteGraph calls draw(ctx, node, width, y, H, lowQuality); Vue nodes' legacy-widget host omits lowQuality.
-    draw(ctx, n, widgetWidth, y, _height, lowQuality) {
-      try {
-        drawSchedule(ctx, node, widgetWidth ?? node.size[0], y, lowQuality !== true);
-      } catch (err) {
-        console.error("[comfyui-taca] schedule drawing failed", err);
-      }
-    },
-    computeSize(width) {
-      const w = width ?? node.size?.[0] ?? 320;
-      return [w, layout(node, w).height];
-    },
-    mouse() {
-      return false;
-    },
-  };
-  node.addCustomWidget(widget);
+  if (typeof node.addDOMWidget !== "function") {
+    console.warn("[comfyui-taca] this frontend has no DOM widgets: no schedule plot");
+    return;
+  }
+  const element = document.createElement("div");
+  element.className = "comfyui-taca-schedule";
+  element.style.cssText = "position: relative; width: 100%; min-width: 0; overflow: hidden;";
+  const canvas = document.createElement("canvas");
+  canvas.style.cssText = "display: block; width: 100%;";
+  element.appendChild(canvas);
+  const view = { element, canvas, key: null, height: 0, reportSeq: 0, widget: null };
+  const widget = node.addDOMWidget(WIDGET_NAME, "taca_schedule", element, {
+    serialize: false, // not part of the prompt
+    hideOnZoom: false, // the classic renderer would otherwise hide it when zoomed out
+    getValue: () => "",
+    setValue: () => {},
+    // the classic renderer sizes the element from these (plus its margin on each side)
+    getMinHeight: () => plotHeight(node, view),
+    getMaxHeight: () => plotHeight(node, view),
+  });
+  widget.serialize = false; // not part of widgets_values
+  view.widget = widget;
+  node.tacaView = view;
+  node.tacaCanvas = canvas;
 
-  const onDrawForeground = node.onDrawForeground;
-  node.onDrawForeground = function (ctx, ...rest) {
-    const r = onDrawForeground?.apply(this, [ctx, ...rest]);
-    try {
-      drawTitleWarning(ctx, this);
-    } catch (err) {
-      console.error("[comfyui-taca] title warning drawing failed", err);
-    }
-    return r;
-  };
-
-  const onWidgetChanged = node.onWidgetChanged;
-  node.onWidgetChanged = function (name, ...rest) {
-    const r = onWidgetChanged?.apply(this, [name, ...rest]);
-    if (name === "gamma" || name === "threshold_sigma") redraw(this);
-    return r;
-  };
+  // A value typed, dragged or picked in either renderer reaches the widget's callback (Vue nodes call it
+  // too; onWidgetChanged is the classic canvas's only). The chain keeps whatever callback was there.
   for (const name of ["gamma", "threshold_sigma"]) {
     const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
     const callback = w.callback;
     w.callback = function (...args) {
       const r = callback?.apply(this, args);
-      redraw(node);
+      refresh(node);
       return r;
     };
   }
+  // repaint at the width the renderer gives the element (first layout, node resized, renderer switched)
+  if (typeof ResizeObserver === "function") {
+    view.observer = new ResizeObserver(() => refresh(node));
+    view.observer.observe(element);
+  }
+  refresh(node);
 }
 
 // ----------------------------------------------------------------------------------- run reports
@@ -366,9 +394,10 @@ function onReport(event) {
     const detail = event?.detail;
     if (!detail || typeof detail !== "object") return;
     const node = findNode(detail.node_id);
-    if (!node || node.comfyClass !== NODE_TYPE) return;
+    if (!node || node.comfyClass !== NODE_TYPE || !node.tacaView) return;
     node.tacaReport = detail;
-    redraw(node);
+    node.tacaView.reportSeq += 1;
+    refresh(node);
   } catch (err) {
     console.error("[comfyui-taca] bad report", err);
   }
@@ -378,6 +407,33 @@ app.registerExtension({
   name: EXTENSION_NAME,
   setup() {
     api.addEventListener(REPORT_EVENT, onReport);
+  },
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_TYPE) return;
+    const proto = nodeType.prototype;
+    const onDrawForeground = proto.onDrawForeground;
+    proto.onDrawForeground = function (ctx, ...rest) {
+      const r = onDrawForeground?.apply(this, [ctx, ...rest]);
+      try {
+        refresh(this); // catches values set without a callback (another extension, undo)
+        drawTitleWarning(ctx, this);
+      } catch (err) {
+        console.error("[comfyui-taca] title warning drawing failed", err);
+      }
+      return r;
+    };
+    // loading, pasting or cloning sets widget values without calling their callbacks
+    const onConfigure = proto.onConfigure;
+    proto.onConfigure = function (...args) {
+      const r = onConfigure?.apply(this, args);
+      refresh(this);
+      return r;
+    };
+    const onRemoved = proto.onRemoved;
+    proto.onRemoved = function (...args) {
+      this.tacaView?.observer?.disconnect();
+      return onRemoved?.apply(this, args);
+    };
   },
   nodeCreated(node) {
     if (node?.comfyClass !== NODE_TYPE) return;
