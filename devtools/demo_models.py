@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-from typing import Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -26,42 +25,30 @@ LORA = "taca_tiny_sd35m_lora.safetensors"
 VERSION = 3  # bump when the recipe changes
 SEED = 20250609
 
-MMDIT_CONFIG = {
-    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None, "adm_in_channels": 2048,
-    "pos_embed_scaling_factor": None, "pos_embed_max_size": 32, "num_patches": 1024,
-    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
-    "qk_norm": "rms", "x_block_self_attn_layers": [0, 1],
-}
+
+def _mmdit_checkpoint() -> Any:
+    """The demo's MMDiT as a tiny SD3.5-Medium checkpoint: 2 joint blocks, hidden 128, CLIP-L + CLIP-G pooled input
+    (2048) and T5-width context (4096), a 32 x 32 position table."""
+    from . import tiny_models
+
+    return tiny_models.sd3_checkpoint(depth=2, adm_in_channels=2048, context_dim=4096, pos_embed_max_size=32,
+                                      x_block_self_attn_layers=(0, 1))
 
 
-def _fill(module: torch.nn.Module, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(math.prod(p.shape[1:])))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-        for _, b in sorted(module.named_buffers(), key=lambda kv: kv[0]):
-            if b.is_floating_point():
-                b.copy_(0.5 * torch.randn(b.shape, generator=generator))
+def _mmdit_state(generator: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Any]:
+    from . import tiny_models
 
-
-def _mmdit_state(generator) -> Dict[str, torch.Tensor]:
-    import comfy.model_detection
-
-    config = comfy.model_detection.model_config_from_unet_config(dict(MMDIT_CONFIG))
-    base = config.get_model({}, device=torch.device("cpu"))
-    _fill(base.diffusion_model, generator)
+    base, _ = tiny_models.build_model(_mmdit_checkpoint(), generator)
     return {"model.diffusion_model." + k: v for k, v in base.diffusion_model.state_dict().items()}, base
 
 
 def _clip_l_state(generator) -> Dict[str, torch.Tensor]:
     import comfy.sd1_clip
 
+    from . import tiny_models
+
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    _fill(clip, generator)
+    tiny_models.randomize(clip, generator)
     state = {k: v.to(torch.float16) for k, v in clip.state_dict().items() if k.startswith("transformer.")}
     return {"text_encoders.clip_l." + k: v for k, v in state.items()}
 
@@ -69,8 +56,10 @@ def _clip_l_state(generator) -> Dict[str, torch.Tensor]:
 def _vae_state(generator) -> Dict[str, torch.Tensor]:
     import comfy.taesd.taesd
 
+    from . import tiny_models
+
     vae = comfy.taesd.taesd.TAESD(latent_channels=16)
-    _fill(vae, generator)
+    tiny_models.randomize(vae, generator)
     with torch.no_grad():
         vae.vae_scale.fill_(1.5305)  # SD3's latent scale and shift, as ComfyUI's taesd3 uses
         vae.vae_shift.fill_(0.0609)
