@@ -12,6 +12,15 @@ into the output slice of fused qkv / linear1 layers), so
 * the update can be switched per model call: a gate set by an APPLY_MODEL
   wrapper from the same sigma test TACA uses.
 
+The patches are ComfyUI object patches on ``<layer>.forward``, so every patcher
+applies and restores them the same way: ``ModelPatcher.patch_model`` /
+``unpatch_model``, which ComfyUI 0.33's ``ModelPatcherDynamic.partially_load``
+calls too (it casts each layer's weight to the GPU inside the layer's own
+forward, which the patch calls unchanged).  A patch holds the layer's own bound
+forward; a clone onto another model object (0.33's ``clone(disable_dynamic=True)``
+for torch.compile or hooks, ``force_deepcopy``, ``deepclone_multigpu``) gets its
+patches rebound to that model's layers by an ON_CLONE callback.
+
 Key mapping is ComfyUI's own (``comfy.lora.model_lora_keys_unet``,
 ``comfy.lora_convert.convert_lora``, ``comfy.lora.load_lora``); the only
 addition is PEFT's ``base_model.model.`` prefix, which ComfyUI maps for SD3
@@ -21,8 +30,10 @@ them, so importing this module does not import ComfyUI.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import threading
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -58,20 +69,37 @@ class LowRank(NamedTuple):
 
 
 class LoraGate:
-    """Whether the LoRA acts in the model call under way; shared by one loader's layer patches."""
+    """Whether the LoRA acts in the model call under way; shared by one loader's layer patches.
+
+    Kept per thread: ComfyUI 0.33's multi-GPU sampling runs one model call per device at the same time,
+    each in its own thread, all through the first model's APPLY_MODEL wrappers and one shared gate.
+    """
 
     def __init__(self, always: bool):
         self.always = always
-        self.active = always
+        self._local = threading.local()
+
+    @property
+    def active(self) -> bool:
+        return getattr(self._local, "active", self.always)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._local.active = value
 
 
 class LowRankForward:
     """Replaces one layer's ``forward`` (an object patch): original output plus the low-rank updates."""
 
-    def __init__(self, original_forward, updates: Sequence[LowRank], gate: LoraGate):
+    def __init__(self, original_forward, updates: Sequence[LowRank], gate: LoraGate, module_path: str,
+                 own_forward: bool):
         self.original_forward = original_forward
         self.updates = tuple(updates)
         self.gate = gate
+        self.module_path = module_path
+        # True when original_forward is the layer's own bound forward (not another pack's patch):
+        # then it belongs to one model object and is rebound for a clone onto another one.
+        self.own_forward = own_forward
 
     def __call__(self, x, *args, **kwargs):
         out = self.original_forward(x, *args, **kwargs)
@@ -83,6 +111,35 @@ class LowRankForward:
 
     def __deepcopy__(self, memo):  # state is shared on purpose: the gate belongs to one loader node
         return self
+
+    def for_model(self, model: torch.nn.Module) -> "LowRankForward":
+        """This patch calling ``model``'s layer instead of the one it was made on (self if already so)."""
+        import comfy.utils
+
+        original = self.original_forward
+        if isinstance(original, LowRankForward):  # two TACA LoRA loaders on one layer
+            rebound = original.for_model(model)
+        elif self.own_forward:
+            module = comfy.utils.get_attr(model, self.module_path)
+            rebound = original if original.__self__ is module else original.__func__.__get__(module)
+        else:
+            rebound = original  # another pack's forward patch: its own business
+        if rebound is original:
+            return self
+        return LowRankForward(rebound, self.updates, self.gate, self.module_path, self.own_forward)
+
+
+def rebind_on_clone(source: Any, clone: Any) -> None:
+    """ON_CLONE callback: a clone holding another model object gets patches calling that model's layers.
+
+    Without it the clone's layers would run the source model's layers (its weights, its device,
+    its weight patches), since the copied object patches hold their bound forwards.
+    """
+    if clone.model is source.model:
+        return
+    for name, patch_object in list(clone.object_patches.items()):
+        if isinstance(patch_object, LowRankForward):
+            clone.object_patches[name] = patch_object.for_model(clone.model)
 
 
 class LoraGateWrapper:
@@ -253,13 +310,18 @@ def _unsupported_reason(target: Any, adapter: Any, modules: Dict[str, Any], lora
 def install(model_patcher: Any, match: LoraMatch, active_during: str, node_id: Optional[str],
             lora_name: str) -> None:
     """Object-patch each target layer's forward on ``model_patcher`` (a clone the caller owns)."""
-    from comfy.patcher_extension import WrappersMP
+    import comfy.utils
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     gate = LoraGate(always=(active_during == "all_steps"))
     for module_path, updates in match.updates.items():
         name = module_path + ".forward"
         original = model_patcher.get_model_object(name)  # chains onto another pack's forward patch
-        model_patcher.add_object_patch(name, LowRankForward(original, updates, gate))
+        module = comfy.utils.get_attr(model_patcher.model, module_path)
+        own = inspect.ismethod(original) and original.__self__ is module
+        model_patcher.add_object_patch(name, LowRankForward(original, updates, gate, module_path, own))
+    if rebind_on_clone not in model_patcher.get_callbacks(CallbacksMP.ON_CLONE, GATE_WRAPPER_KEY):
+        model_patcher.add_callback_with_key(CallbacksMP.ON_CLONE, GATE_WRAPPER_KEY, rebind_on_clone)
     if active_during == "taca_steps":
         model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, GATE_WRAPPER_KEY,
                                            LoraGateWrapper(gate, node_id, lora_name))

@@ -1,14 +1,17 @@
 """TACA LoRA Loader against ComfyUI's core LoRA loader, on tiny models with generated LoRA files."""
 
+import inspect
 import logging
 import os
 import pickle
+import threading
 
 import pytest
 import safetensors.torch
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import comfy.model_patcher
 import comfy.sd
 import folder_paths
 
@@ -265,3 +268,61 @@ def test_bad_active_during_is_refused(pack_nodes, lora_dir):
     with pytest.raises(ValueError) as err:
         taca_lora(pack_nodes, tiny.patcher, name, active="sometimes")
     assert "active_during" in str(err.value)
+
+
+CLONE_CAN_SWAP_MODEL = "force_deepcopy" in inspect.signature(comfy.model_patcher.ModelPatcher.clone).parameters
+
+
+@pytest.mark.skipif(not CLONE_CAN_SWAP_MODEL, reason="this ComfyUI's ModelPatcher.clone always shares the model")
+@pytest.mark.parametrize("how", ["force_deepcopy", "deepclone_multigpu"])
+def test_a_clone_onto_a_reloaded_model_runs_the_lora_beside_that_models_layers(pack_nodes, lora_dir, how):
+    """ComfyUI 0.33 clones onto a freshly loaded model (TorchCompileModel and hooked conditioning under
+    ModelPatcherDynamic: clone(disable_dynamic=True); multi-GPU: deepclone_multigpu); the loader is
+    cached_patcher_init. Its model here has other weights, so running the source model's layers shows."""
+    tiny = tm.build("flux")
+    tiny.patcher.cached_patcher_init = (lambda **kwargs: tm.build("flux", seed=1).patcher, ())
+    tensors = lora_files.make_lora(tiny, "diffusers", 16)
+    name = save(lora_dir, f"flux_reloaded_{how}.safetensors", tensors)
+    model = taca_lora(pack_nodes, taca(pack_nodes, tiny.patcher), name)
+    clone = model.clone(force_deepcopy=True) if how == "force_deepcopy" else model.deepclone_multigpu()
+    assert clone.model is not tiny.patcher.model
+    reloaded = tm.build("flux", seed=1)
+    reference = taca(pack_nodes, core_lora(reloaded.patcher, tensors))
+    pos, neg, latent = inputs(tiny)
+    assert rel_diff(one_step(clone, pos, neg, latent, 1.0, 3.0), one_step(reference, pos, neg, latent, 1.0, 3.0)) <= TOL
+    assert torch.equal(one_step(clone, pos, neg, latent, 0.5, 3.0), one_step(reloaded.patcher, pos, neg, latent, 0.5, 3.0))
+    # The source keeps its own layers.
+    source_reference = taca(pack_nodes, core_lora(tiny.patcher, tensors))
+    assert rel_diff(one_step(model, pos, neg, latent, 1.0, 3.0),
+                    one_step(source_reference, pos, neg, latent, 1.0, 3.0)) <= TOL
+
+
+@pytest.mark.skipif(not hasattr(comfy.model_patcher, "ModelPatcherDynamic"),
+                    reason="this ComfyUI has no ModelPatcherDynamic")
+def test_model_patcher_dynamic_on_a_cpu_load_device_is_the_plain_model_patcher():
+    """Why no test runs the LoRA under ModelPatcherDynamic on the CPU: ComfyUI hands a CPU load device
+    the plain ModelPatcher, and a GPU one needs comfy-aimdo's native library initialised on a CUDA/ROCm
+    device. If this fails, ComfyUI can run it on the CPU: run the LoRA tests under it."""
+    tiny = tm.build("flux")
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcherDynamic(tiny.patcher.model, cpu, cpu)
+    assert type(patcher) is comfy.model_patcher.ModelPatcher and not patcher.is_dynamic()
+
+
+def test_the_gate_is_per_thread(pack_nodes, lora_dir):
+    """ComfyUI 0.33's multi-GPU sampling runs each device's model call in its own thread, all through one
+    wrapper and one gate: a call finishing on one device must not close the gate for another."""
+    tiny = tm.build("flux")
+    name = save(lora_dir, "flux_threads.safetensors", lora_files.make_lora(tiny, "diffusers", 16))
+    model = taca_lora(pack_nodes, taca(pack_nodes, tiny.patcher), name)
+    # by name: the pack ComfyUI loaded is another module object than this repository's taca.lora
+    gates = {p.gate for p in model.object_patches.values() if type(p).__name__ == "LowRankForward"}
+    assert len(gates) == 1
+    gate = gates.pop()
+    seen = []
+    gate.active = True
+    other = threading.Thread(target=lambda: seen.append(gate.active))
+    other.start()
+    other.join()
+    assert gate.active and seen == [False]
+    gate.active = False
