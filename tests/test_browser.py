@@ -210,7 +210,9 @@ def set_number_widget(page, node_id, name, value):
     if vue_mode(page):
         assert page.evaluate(bh.VUE_WIDGET_INPUT_JS, [node_id, name]), f"no input for widget {name} in node {node_id}"
         box = page.locator("[data-taca-target]")
-        box.click()
+        # a real click at the input (newer frontends lay a drag-to-scrub layer over it), then select its text
+        r = box.bounding_box()
+        page.mouse.click(r["x"] + r["width"] / 2, r["y"] + r["height"] / 2)
         box.select_text()
         page.keyboard.type(str(value))
         page.keyboard.press("Enter")
