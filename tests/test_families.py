@@ -263,6 +263,13 @@ def test_every_model_base_class_is_placed():
     from taca import families
 
     left_unsupported = {"GenmoMochi", "Hunyuan3Dv2", "Hunyuan3Dv2_1"}
+    # The model classes ComfyUI 0.33.0 added, not placed yet: each gets the generic "not supported" message.
+    left_unsupported |= {
+        "ACEStep15", "Anima", "Boogu", "CogVideoX", "DepthAnything3", "ErnieImage", "HiDreamO1", "Ideogram4",
+        "JoyImage", "Kandinsky5", "Kandinsky5Image", "Krea2", "LTXAV", "Lens", "LongCatImage", "MageFlow",
+        "MiniMaxH3", "MiniMaxMusic3", "PiD", "PixelDiTT2I", "RT_DETR_v4", "SAM3", "SeedVR2", "StableAudio3",
+        "Trellis2", "TripoSplat", "WAN21_CausalAR", "WAN21_FlowRVS", "WAN21_SCAIL", "WAN21_SCAIL2",
+        "WAN22_WanDancer", "WAN_Animate2", "ZImagePixelSpace"}
     placed = set(families.CROSS_ATTENTION_MODELS) | left_unsupported
     for family in families.FAMILIES:
         placed |= set(family.model_classes)
@@ -286,7 +293,10 @@ def test_supported_subclasses_patch_and_match_the_reference(pack_nodes, kind):
     positive = tm.family_conditioning(tiny, 1, batch=2)
     negative = tm.family_conditioning(tiny, 2, batch=2)
     latent = tm.family_latent(tiny, batch=2)
-    reference = MultiLayoutReference({visual + text: (visual, visual + text)}, GAMMA)  # image first
+    layout = observe_joint_layout(tiny.patcher, positive, latent)
+    (length, (start, stop)), = layout.items()
+    assert (length, stop - start) == (visual + text, text)
+    reference = MultiLayoutReference(layout, GAMMA)
     out = one_step(taca(pack_nodes, tiny.patcher), positive, negative, latent, cfg=3.0)
     ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=3.0)
     plain = one_step(tiny.patcher, positive, negative, latent, cfg=3.0)
