@@ -38,8 +38,8 @@ def _mmdit_checkpoint() -> Any:
 def _mmdit_state(generator: torch.Generator) -> Tuple[Dict[str, torch.Tensor], Any]:
     from . import tiny_models
 
-    base, _ = tiny_models.build_model(_mmdit_checkpoint(), generator)
-    return {"model.diffusion_model." + k: v for k, v in base.diffusion_model.state_dict().items()}, base
+    base, patcher = tiny_models.build_model(_mmdit_checkpoint(), generator)
+    return {"model.diffusion_model." + k: v for k, v in base.diffusion_model.state_dict().items()}, patcher
 
 
 def _clip_l_state(generator) -> Dict[str, torch.Tensor]:
@@ -98,15 +98,12 @@ def ensure_demo_models(models_dir: str) -> Dict[str, str]:
     for p in paths.values():
         os.makedirs(os.path.dirname(p), exist_ok=True)
     generator = torch.Generator().manual_seed(SEED)
-    unet, base = _mmdit_state(generator)
+    unet, patcher = _mmdit_state(generator)
     state = dict(unet)
     state.update(_clip_l_state(generator))
     state.update(_vae_state(generator))
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, paths["checkpoint"],
                                 metadata={"comfyui-taca": "tiny random-weight demo model; not a trained model"})
-    import comfy.model_patcher
-
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     tiny = tiny_models.TinyModel("sd35_medium", patcher, 16, 77, 0, 2, {})
     lora = lora_files.make_lora(tiny, "diffusers", 16, seed=SEED % 1000)
     safetensors.torch.save_file({k: v.contiguous() for k, v in lora.items()}, paths["lora"])

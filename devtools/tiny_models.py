@@ -122,8 +122,8 @@ def _chroma_radiance() -> TinyCheckpoint:
         nerf_tile_size=0))
 
 
-def sd3_checkpoint(depth: int = 2, adm_in_channels: int = 24, context_dim: int = CONTEXT_DIM, pos_embed_max_size: int = 16,
-         x_block_self_attn_layers: Sequence[int] = ()) -> TinyCheckpoint:
+def sd3_checkpoint(depth: int = 2, adm_in_channels: int = 24, context_dim: int = CONTEXT_DIM,
+                   pos_embed_max_size: int = 16, x_block_self_attn_layers: Sequence[int] = ()) -> TinyCheckpoint:
     """MMDiT (SD3 / SD3.5): detection reads every size from the shapes (hidden = 64 x depth, heads = depth)."""
     hidden = 64 * depth
     keys = {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 2 * 2, hidden),
