@@ -238,3 +238,23 @@ def test_tensor_containers_reach_the_override_as_tensors(mode):
     plain = comfy_attention.optimized_attention(*[container(t) for t in (q, k, v)], HEADS, skip_reshape=True,
                                                 skip_output_reshape=True)
     assert torch.equal(passed, plain)
+
+
+def test_flex_honours_attn_precision_float32():
+    """attn_precision=float32 on bf16 inputs: flex computes in fp32, so its only error is the final bf16 rounding
+    (plain bf16 flex loses visibly more on these logits)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, 96, 64, generator=g).bfloat16() for _ in range(3))
+    q = q * 2
+    span = TextSpan.text_first(16, 96)
+    ref = taca_reference(q, k, v, 0, 16, GAMMA)
+    rounding = max_row_rel_err(ref.bfloat16(), ref)
+    taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, "flex"), [span], None)
+    errors = {}
+    for precision in (None, torch.float32):
+        out = taca(comfy_attention.optimized_attention, q, k, v, HEADS, attn_precision=precision, skip_reshape=True,
+                   skip_output_reshape=True)
+        assert out.dtype == torch.bfloat16
+        errors[precision] = max_row_rel_err(out, ref)
+    assert errors[torch.float32] <= 1.01 * rounding, (errors, rounding)
+    assert errors[None] > 1.1 * rounding, (errors, rounding)  # what makes the first assertion mean something
