@@ -1,8 +1,17 @@
 """TACA cost against plain attention: one process, every variant paired with a baseline sample beside it.
 
-    .runtime/venv/bin/python bench/benchmark.py                 # every section (about 25 min on 2 cores)
-    .runtime/venv/bin/python bench/benchmark.py --sections sampling,lora --repeats 5
-    .runtime/venv/bin/python bench/benchmark.py --sections attention --cases "image 1024" --repeats 15
+    # every section (about 25 min on 2 cores)
+    TACA_COMFYUI_VERSION=0.3.75 .runtime/comfyui-0.3.75/venv/bin/python bench/benchmark.py
+    TACA_COMFYUI_VERSION=0.33.0 .runtime/comfyui-0.33.0/venv/bin/python bench/benchmark.py \
+        --sections sampling,lora --repeats 5
+    TACA_COMFYUI_VERSION=0.33.0 .runtime/comfyui-0.33.0/venv/bin/python bench/benchmark.py \
+        --sections attention --cases "image 1024" --repeats 15
+    TACA_COMFYUI_VERSION=0.33.0 .runtime/comfyui-0.33.0/venv/bin/python bench/benchmark.py --smoke \
+        --cases "SD3-like 24x64 text 154 image 1024 float32 ["    # every section runs; no numbers to read
+
+``TACA_COMFYUI_VERSION`` picks the runtime (``.runtime/comfyui-VERSION``), as for the tests; without it the
+newest runtime built is used.  The output's header names the ComfyUI version, its attention backend, its
+device and its model patcher class.
 
 Sections
   attention  one attention call at FLUX-like and SD3-like shapes, fp32 / bf16, with and without a mask, on
@@ -14,6 +23,9 @@ Sections
   lora       one model call with the TACA LoRA, in a TACA step and in a non-TACA step
   syncs      host reads (host-device synchronisations on a GPU) per model call
   compile    the patched model under ComfyUI's TorchCompileModel (inductor)
+
+``--smoke`` runs every section at its smallest (one round, 3 sampling steps, one per-call round, a short
+pass-through loop): it checks that each section runs on a runtime, its numbers mean nothing.
 
 Each variant alternates with the baseline a few times per round, each keeping its fastest time; ratios are
 taken within the pair and summarised by their median and min-max over rounds (see ``interleaved``).
@@ -326,7 +338,7 @@ def composed_row(section: str, case: str, name: str, run_time: float, steps: int
                  f"baseline run {run_time * 1e3:.0f} ms"))
 
 
-def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
+def bench_sampling(nodes, rounds: int, steps: int = 30, call_rounds: int = 15, passthrough_calls: int = 20000) -> None:
     """Whole 30-step runs, measured directly, and composed from per-call costs.
 
     A whole run takes seconds, and this kind of machine drifts by several percent over seconds, so the direct
@@ -356,8 +368,8 @@ def bench_sampling(nodes, rounds: int, steps: int = 30) -> None:
     case = f"small FLUX-like model, {steps} steps euler/simple, threshold {THRESHOLD} ({taca_steps} TACA steps)"
     report("sampling", case + ", whole runs", runs, "unpatched")
 
-    call_rounds = max(15, 2 * rounds)
-    passthrough = {name: wrapper_passthrough_seconds(m) for name, m in variants.items()}
+    call_rounds = max(call_rounds, 2 * rounds)
+    passthrough = {name: wrapper_passthrough_seconds(m, passthrough_calls) for name, m in variants.items()}
     deltas = {sigma: per_call_deltas(variants, tiny, sigma, call_rounds) for sigma in (1.0, 0.5)}
     run_time = statistics.median(runs[0]["unpatched"])
     for name in deltas[1.0]:
@@ -443,7 +455,7 @@ def bench_syncs(nodes) -> None:
 
 # ---------------------------------------------------------------- compile
 
-def bench_compile(nodes, rounds: int, steps: int = 30) -> None:
+def bench_compile(nodes, rounds: int, steps: int = 30, call_rounds: int = 15, passthrough_calls: int = 20000) -> None:
     """Whole sampling with ComfyUI's TorchCompileModel (inductor) on the unpatched and the patched model."""
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
@@ -467,34 +479,53 @@ def bench_compile(nodes, rounds: int, steps: int = 30) -> None:
 
     # Composed as in the sampling section: the TACA-step cost per compiled model call, plus the TACA wrapper's
     # pass-through (measured on the eager patched model: the compile wrapper would try to compile a no-op).
-    taca_call = per_call_deltas(variants, tiny, 1.0, max(15, 2 * rounds))["compiled exact"]
-    other = wrapper_passthrough_seconds(patched(nodes, tiny.patcher)) - wrapper_passthrough_seconds(tiny.patcher)
+    taca_call = per_call_deltas(variants, tiny, 1.0, max(call_rounds, 2 * rounds))["compiled exact"]
+    other = (wrapper_passthrough_seconds(patched(nodes, tiny.patcher), passthrough_calls)
+             - wrapper_passthrough_seconds(tiny.patcher, passthrough_calls))
     composed_row("compile", case, "compiled exact", statistics.median(runs[0]["compiled unpatched"]), steps,
                  taca_step_count(tiny.patcher, steps), taca_call, other, f"other steps {other * 1e6:+.1f} us per call")
 
 
 # ---------------------------------------------------------------- main
 
+def runtime_line() -> str:
+    """Which ComfyUI, attention backend, device and model patcher the numbers come from."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfyui_version
+
+    attention = comfy_attention.optimized_attention.__name__
+    patcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher).__name__
+    return (f"ComfyUI {comfyui_version.__version__} ({comfy_runtime.COMFYUI}), attention {attention}, "
+            f"ComfyUI device {comfy.model_management.get_torch_device()}, model patcher {patcher}")
+
+
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement")
     parser.add_argument("--cases", default="", help="only the attention cases whose label contains this text")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every section at its smallest, to check that it runs (one round, 3 sampling steps)")
     args = parser.parse_args(argv or None)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    rounds = 1 if args.smoke else args.repeats
+    whole_rounds = 1 if args.smoke else max(3, args.repeats // 2)  # whole runs take seconds each
+    steps, call_rounds, passthrough_calls = (3, 1, 200) if args.smoke else (30, 15, 20000)
     torch.manual_seed(0)
     nodes = comfy_runtime.load_pack()
     print(f"# comfyui-taca benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, device {DEVICE}"
           + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")
-          + f", torch threads {torch.get_num_threads()}, rounds {args.repeats}")
+          + f", torch threads {torch.get_num_threads()}, rounds {rounds}" + (", SMOKE RUN" if args.smoke else ""))
+    print(f"# {runtime_line()}")
     runs = {
-        "attention": lambda: bench_attention(args.repeats, args.cases),
+        "attention": lambda: bench_attention(rounds, args.cases),
         "memory": bench_memory,
-        "sampling": lambda: bench_sampling(nodes, max(3, args.repeats // 2)),
-        "lora": lambda: bench_lora(nodes, args.repeats),
+        "sampling": lambda: bench_sampling(nodes, whole_rounds, steps, call_rounds, passthrough_calls),
+        "lora": lambda: bench_lora(nodes, rounds),
         "syncs": lambda: bench_syncs(nodes),
-        "compile": lambda: bench_compile(nodes, max(3, args.repeats // 2)),
+        "compile": lambda: bench_compile(nodes, whole_rounds, steps, call_rounds, passthrough_calls),
     }
     with torch.inference_mode(False), torch.no_grad():
         for section in sections:
