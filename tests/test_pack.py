@@ -84,5 +84,6 @@ def test_too_old_comfyui_logs_one_clear_line_and_registers_nothing():
     assert len(lines) == 1, out
     assert "needs ComfyUI >= 0.3.75" in lines[0] and "wrap_attn" in lines[0]
     assert "Traceback" not in out
-    assert "TACAPatchModel" not in out.split("LOADED")[0] or True
+    # the pack loaded without an error and registered no node
+    assert "LOADED True False" in result.stdout, out
     assert "LOADED True False" in out, out
