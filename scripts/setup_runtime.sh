@@ -2,6 +2,7 @@
 # Builds the development runtimes for comfyui-taca, idempotently. Usage:
 #   bash scripts/setup_runtime.sh [VERSION ...]      VERSION: 0.3.75, 0.33.0 (default: both)
 #   bash scripts/setup_runtime.sh --list             prints the supported versions, oldest first
+#   bash scripts/setup_runtime.sh --newest-frontend  prints the frontend version unpacked beside them
 # For each VERSION, under the git-ignored .runtime/comfyui-VERSION/:
 #   venv/      Python 3.11 virtual environment: torch 2.14.1, torchvision 0.29.1, ComfyUI's requirements
 #   ComfyUI/   that ComfyUI, with custom_nodes/comfyui-taca -> this checkout
@@ -25,6 +26,7 @@ NEWEST_FRONTEND="1.58.1"
 # The ComfyUI versions the pack is tested on, oldest (the declared minimum) first, newest last.
 SUPPORTED="0.3.75 0.33.0"
 if [ "${1:-}" = "--list" ]; then echo "$SUPPORTED"; exit 0; fi
+if [ "${1:-}" = "--newest-frontend" ]; then echo "$NEWEST_FRONTEND"; exit 0; fi
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] %s\n' "$*" >&2; exit 1; }

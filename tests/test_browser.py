@@ -21,6 +21,7 @@ import glob
 import io
 import json
 import os
+import subprocess
 import time
 import urllib.request
 
@@ -70,7 +71,8 @@ def _pinned_frontend():
 
 COMFYUI_VERSION = _comfyui_version()
 PINNED_FRONTEND = _pinned_frontend()
-NEWEST_FRONTEND = "1.58.1"  # scripts/setup_runtime.sh NEWEST_FRONTEND
+NEWEST_FRONTEND = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup_runtime.sh"), "--newest-frontend"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
 NEWEST_FRONTEND_ROOT = os.path.join(comfy_runtime.RUNTIMES, "frontends", NEWEST_FRONTEND)
 # ComfyUI 0.3.75's server predates the newest frontend's API; from 0.33 on both are tested.
 FRONTENDS = [PINNED_FRONTEND] + ([NEWEST_FRONTEND] if comfy_runtime.version_key(COMFYUI_VERSION) >= (0, 33)
