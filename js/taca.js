@@ -21,14 +21,14 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-export const EXTENSION_NAME = "comfyui-taca.schedule";
-export const NODE_TYPE = "TACAPatchModel";
-export const REPORT_EVENT = "comfyui-taca.report";
-export const WIDGET_NAME = "taca_schedule";
-export const NOMINAL_STEPS = 30;
-export const NOMINAL_SHIFT = 3.0;
+const EXTENSION_NAME = "comfyui-taca.schedule";
+const NODE_TYPE = "TACAPatchModel";
+const REPORT_EVENT = "comfyui-taca.report";
+const WIDGET_NAME = "taca_schedule";
+const NOMINAL_STEPS = 30;
+const NOMINAL_SHIFT = 3.0;
 
-export const COLORS = {
+const COLORS = {
   active: "#f0a73a", // steps where TACA acts (bar height gamma)
   inactive: "#5f7391", // steps left untouched (bar height 1)
   unitLine: "#9aa4b2",
@@ -47,12 +47,12 @@ const BARS_HEIGHT = 32;
 // ----------------------------------------------------------------------------------- pure helpers
 
 /** sigma of an SD3-style flow model (ModelSamplingDiscreteFlow) at time t in (0, 1]. */
-export function flowSigma(t, shift = NOMINAL_SHIFT) {
+function flowSigma(t, shift = NOMINAL_SHIFT) {
   return (shift * t) / (1 + (shift - 1) * t);
 }
 
 /** ComfyUI's `simple` scheduler over a flow model with 1000 timesteps: steps sigmas, then 0. */
-export function nominalSigmas(steps = NOMINAL_STEPS, shift = NOMINAL_SHIFT) {
+function nominalSigmas(steps = NOMINAL_STEPS, shift = NOMINAL_SHIFT) {
   const stride = 1000 / steps; // same float arithmetic as comfy.samplers.simple_scheduler
   const sigmas = [];
   for (let i = 0; i < steps; i++) {
@@ -63,13 +63,13 @@ export function nominalSigmas(steps = NOMINAL_STEPS, shift = NOMINAL_SHIFT) {
 }
 
 /** "1.2", "1.25", "0.97": at most 3 decimals, no trailing zeros. */
-export function fmt(x) {
+function fmt(x) {
   if (typeof x !== "number" || !Number.isFinite(x)) return String(x);
   return String(Number(x.toFixed(3)));
 }
 
 /** Runs of consecutive integers; runs at least `minRun` long are written "a-b". */
-export function formatSteps(steps, minRun = 2) {
+function formatSteps(steps, minRun = 2) {
   const sorted = [...steps].sort((a, b) => a - b);
   const parts = [];
   let i = 0;
@@ -93,7 +93,7 @@ function widgetValue(node, name, fallback) {
  * What the schedule plot shows for these settings: one entry per step.
  * `report` is the last "comfyui-taca.report" for the node, or null.
  */
-export function computePlot(gamma, threshold, report) {
+function computePlot(gamma, threshold, report) {
   const fromRun = !!(report && Array.isArray(report.sample_sigmas) && report.sample_sigmas.length >= 2);
   const sigmas = fromRun ? report.sample_sigmas.map(Number) : nominalSigmas();
   const steps = sigmas.length - 1;
@@ -112,7 +112,7 @@ export function computePlot(gamma, threshold, report) {
 }
 
 /** The text lines for the last run report, or null before any run. */
-export function computeFeedback(report) {
+function computeFeedback(report) {
   if (!report) return null;
   const steps = Array.isArray(report.acted_steps) ? report.acted_steps.map(Number) : [];
   const total = Number(report.steps_total);
@@ -135,7 +135,7 @@ function measurer() {
 }
 
 /** Greedy word wrap of `text` into lines at most `maxWidth` wide (long words are cut). */
-export function wrapText(ctx, text, maxWidth) {
+function wrapText(ctx, text, maxWidth) {
   const lines = [];
   for (const paragraph of String(text).split("\n")) {
     let line = "";
@@ -239,7 +239,7 @@ function drawSchedule(ctx, lay) {
 // The warning is also flagged in the title bar, which stays visible when a node below overlaps the body.
 // The classic renderer draws node titles on the graph canvas (onDrawForeground); Vue nodes draw their own
 // header, without it, and show the warning in the plot only.
-export const TITLE_WARNING = "⚠ TACA never acted";
+const TITLE_WARNING = "⚠ TACA never acted";
 
 function drawTitleWarning(ctx, node) {
   const warning = node.tacaReport?.warning;
