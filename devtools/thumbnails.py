@@ -1,10 +1,10 @@
 """Template thumbnails: each workflow in workflows/*.json, loaded in the real (headless) ComfyUI frontend.
 
-    .runtime/venv/bin/python -m devtools.thumbnails          # rewrite workflows/<name>.jpg
+    TACA_COMFYUI_VERSION=0.33.0 .runtime/comfyui-0.33.0/venv/bin/python -m devtools.thumbnails   # rewrite workflows/<name>.jpg
 
 The frontend shows them in its Templates dialog, from /api/workflow_templates/comfyui-taca/<name>.jpg.
 Needs the runtime (scripts/setup_runtime.sh) and /usr/bin/chromium; starts its own `main.py --cpu`
-on a free loopback port. The browser helpers here are shared with tests/test_browser.py.
+on a free loopback port. The browser itself is set up by devtools/browser.py, as in the browser tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import glob
 import io
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -23,64 +22,13 @@ import time
 import urllib.request
 from typing import Any, Dict, Optional
 
+from devtools import browser
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(REPO, "workflows")
-CHROMIUM = os.environ.get("TACA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
 THUMB_SIZE = (640, 360)
-# The frontend's settings for a clean, repeatable page: no tutorial / templates dialog, no minimap.
-FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 # For pictures: no canvas info text or zoom controls, and node text drawn at any zoom.
 THUMB_SETTINGS = {"Comfy.Graph.CanvasInfo": False, "Comfy.Graph.CanvasMenu": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1}
-# Only the local server is reachable; everything else (update checks, registry look-ups) fails at once.
-NOT_LOOPBACK = re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/])[a-z]+://")
-
-
-def launch_browser(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-
-
-def open_frontend(browser, url: str, viewport=(1600, 900)):
-    """A new page on the ComfyUI frontend at ``url``, once the app and its extensions are ready."""
-    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, device_scale_factor=1)
-    context.route(NOT_LOOPBACK, lambda route: route.abort())
-    # the "Nodes 2.0" banner above the canvas (the frontend keeps its dismissal in localStorage)
-    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-    page = context.new_page()
-    page.goto(url)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady && window.app.extensions",
-                           timeout=90_000)
-    return page
-
-
-VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
-
-
-class RendererMissing(Exception):
-    """The frontend has no Vue node renderer (no such setting)."""
-
-
-def set_renderer(page, renderer: str) -> None:
-    """Switches the node renderer, "classic" (LiteGraph canvas) or "vue" ("Nodes 2.0"), through the
-    frontend's settings API, as its settings dialog does, and waits until the canvas uses it."""
-    vue = renderer == "vue"
-    known = page.evaluate("(id) => app.extensionManager.setting.get(id) !== undefined", VUE_NODES_SETTING)
-    if not known:
-        if not vue:
-            return  # the classic canvas is the only renderer
-        version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
-        raise RendererMissing(f"frontend {version} has no {VUE_NODES_SETTING} setting: no Vue node renderer")
-    page.evaluate("async ([id, on]) => { await app.extensionManager.setting.set(id, on); }", [VUE_NODES_SETTING, vue])
-    page.wait_for_function("(on) => !!LiteGraph.vueNodesMode === on", arg=vue, timeout=30_000)
-
-
-def load_workflow(page, workflow: Dict[str, Any]) -> None:
-    page.evaluate("async (wf) => { await app.loadGraphData(wf); app.canvas.draw(true, true); }", workflow)
-    if page.evaluate("() => !!LiteGraph.vueNodesMode"):
-        # Vue nodes mount after the graph is loaded
-        page.wait_for_function("(n) => document.querySelectorAll('[data-node-id]').length >= n",
-                               arg=len(workflow.get("nodes", [])), timeout=30_000)
 
 
 def set_focus_mode(page, on: bool = True) -> None:
@@ -160,11 +108,9 @@ def screenshot_workflow(page, workflow: Dict[str, Any], size=THUMB_SIZE, quality
     """JPEG bytes of the whole graph of ``workflow``, ``size`` pixels."""
     from PIL import Image
 
-    load_workflow(page, workflow)
+    browser.load_workflow(page, workflow)
     fit_view(page)
-    png = page.screenshot(type="png")
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image = image.resize(size, Image.LANCZOS)
+    image = browser.screenshot(page).resize(size, Image.LANCZOS)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality, optimize=True)
     return out.getvalue()
@@ -182,11 +128,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="taca-thumbs-") as workdir:
         proc, url = start_server(workdir)
         try:
-            _http(url + "/settings", {**FRONTEND_SETTINGS, **THUMB_SETTINGS})
+            _http(url + "/settings", {**browser.FRONTEND_SETTINGS, **THUMB_SETTINGS})
             with sync_playwright() as pw:
-                browser = launch_browser(pw)
+                chromium = browser.launch_browser(pw)
                 # twice the thumbnail size, then downscaled: readable titles, no low-quality rendering
-                page = open_frontend(browser, url, viewport=(THUMB_SIZE[0] * 2, THUMB_SIZE[1] * 2))
+                page = browser.open_frontend(chromium, url, viewport=(THUMB_SIZE[0] * 2, THUMB_SIZE[1] * 2))
                 set_focus_mode(page, True)
                 for path in paths:
                     with open(path) as f:
@@ -195,7 +141,7 @@ def main(argv=None) -> int:
                     with open(target, "wb") as f:
                         f.write(screenshot_workflow(page, workflow))
                     print("wrote", os.path.relpath(target, REPO))
-                browser.close()
+                chromium.close()
         finally:
             proc.terminate()
             proc.wait(timeout=30)

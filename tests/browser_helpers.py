@@ -1,16 +1,17 @@
 """Helpers for tests/test_browser.py: the page-side snippets and pixel reading.
 
-Browser launch and page set-up are shared with devtools/thumbnails.py (which makes the template
-thumbnails with the same frontend).
+Browser launch, page set-up and workflow loading are in devtools/browser.py, shared with the template
+thumbnails (devtools/thumbnails.py).
 """
 
 from __future__ import annotations
 
-import io
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
+
+from devtools.browser import screenshot  # noqa: F401  (the page as the tests read its pixels)
 
 # Records the websocket events the tests wait on, and every api.queuePrompt response (the frontend's
 # own "Run" path goes through it), on window.__taca.
@@ -103,10 +104,6 @@ VUE_WIDGET_INPUT_JS = """([id, name]) => {
 def hex_rgb(color: str) -> Tuple[int, int, int]:
     color = color.lstrip("#")
     return tuple(int(color[i:i + 2], 16) for i in (0, 2, 4))
-
-
-def screenshot(page) -> Image.Image:
-    return Image.open(io.BytesIO(page.screenshot(type="png"))).convert("RGB")
 
 
 def pixel(image: Image.Image, xy) -> Tuple[int, int, int]:

@@ -36,7 +36,8 @@ from devtools import comfy_runtime
 if os.environ.get("TACA_SKIP_BROWSER") == "1":
     pytest.skip("TACA_SKIP_BROWSER=1", allow_module_level=True)
 
-from devtools import thumbnails  # noqa: E402  (browser launch and page set-up, shared)
+from devtools import browser as browser_harness  # noqa: E402  (shared with the thumbnails)
+from devtools import thumbnails  # noqa: E402
 from devtools import workflows as wfs  # noqa: E402
 
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
@@ -108,7 +109,7 @@ def server(frontend, tmp_path_factory):
             pytest.fail(f"{NEWEST_FRONTEND_ROOT} is missing: run scripts/setup_runtime.sh")
         args += ["--front-end-root", NEWEST_FRONTEND_ROOT]
     srv = ComfyServer(workdir, tuple(args)).start()
-    status, _ = srv.post("/settings", dict(thumbnails.FRONTEND_SETTINGS))
+    status, _ = srv.post("/settings", dict(browser_harness.FRONTEND_SETTINGS))
     assert status == 200
     yield srv
     srv.stop()
@@ -121,13 +122,13 @@ def object_info(server):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(thumbnails.CHROMIUM):
-        pytest.fail(f"{thumbnails.CHROMIUM} is missing: run scripts/setup_runtime.sh (it installs Debian chromium), "
+    if not os.path.exists(browser_harness.CHROMIUM):
+        pytest.fail(f"{browser_harness.CHROMIUM} is missing: run scripts/setup_runtime.sh (it installs Debian chromium), "
                     "or set TACA_SKIP_BROWSER=1")
     from playwright.sync_api import sync_playwright
 
     pw = sync_playwright().start()
-    b = thumbnails.launch_browser(pw)
+    b = browser_harness.launch_browser(pw)
     yield b
     b.close()
     pw.stop()
@@ -140,12 +141,12 @@ def renderer(request):
 
 @pytest.fixture(scope="module")
 def page(server, browser, frontend, renderer):
-    pg = thumbnails.open_frontend(browser, server.url)
+    pg = browser_harness.open_frontend(browser, server.url)
     served = pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
     assert served == frontend
     try:
-        thumbnails.set_renderer(pg, renderer)
-    except thumbnails.RendererMissing as err:
+        browser_harness.set_renderer(pg, renderer)
+    except browser_harness.RendererMissing as err:
         pg.context.close()
         pytest.skip(str(err))
     pg.taca_errors = []  # console errors / uncaught exceptions coming from this pack's extension
@@ -176,7 +177,7 @@ def clean_page(page):
 
 def load(page, name_or_workflow):
     workflow = load_json(name_or_workflow) if isinstance(name_or_workflow, str) else name_or_workflow
-    thumbnails.load_workflow(page, workflow)
+    browser_harness.load_workflow(page, workflow)
     return workflow
 
 
