@@ -14,6 +14,7 @@ import glob
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,7 +79,28 @@ def _http(url: str, payload: Optional[dict] = None):
     return json.loads(body) if body else None
 
 
-def start_server(workdir: str):
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras")
+MODEL_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|gguf)$")
+
+
+def _placeholder_models(workflows, workdir: str) -> str:
+    """An extra_model_paths config listing an empty file for every model file the workflows name, so the
+    frontend draws the loaders as a user with those files sees them (not outlined as missing)."""
+    names = {v for wf in workflows for node in wf.get("nodes", []) for v in node.get("widgets_values") or []
+             if isinstance(v, str) and MODEL_FILE.search(v)}
+    base = os.path.join(workdir, "models")
+    for folder in MODEL_FOLDERS:
+        os.makedirs(os.path.join(base, folder), exist_ok=True)
+        for name in names:
+            open(os.path.join(base, folder, name), "wb").close()
+    config = os.path.join(workdir, "extra_model_paths.yaml")
+    with open(config, "w") as f:
+        f.write("placeholders:\n    base_path: " + base + "\n"
+                + "".join(f"    {folder}: {folder}\n" for folder in MODEL_FOLDERS))
+    return config
+
+
+def start_server(workdir: str, workflows=()):
     from devtools import comfy_runtime
 
     port = _free_port()
@@ -88,7 +110,8 @@ def start_server(workdir: str):
     log = open(os.path.join(workdir, "server.log"), "w")
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--output-directory", dirs["output"], "--temp-directory", dirs["temp"],
-                             "--input-directory", dirs["input"], "--user-directory", dirs["user"]],
+                             "--input-directory", dirs["input"], "--user-directory", dirs["user"],
+                             "--extra-model-paths-config", _placeholder_models(workflows, workdir)],
                             cwd=comfy_runtime.COMFYUI, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -126,7 +149,11 @@ def main(argv=None) -> int:
     if args.names:
         paths = [p for p in paths if os.path.splitext(os.path.basename(p))[0] in args.names]
     with tempfile.TemporaryDirectory(prefix="taca-thumbs-") as workdir:
-        proc, url = start_server(workdir)
+        workflows = []
+        for path in paths:
+            with open(path) as f:
+                workflows.append(json.load(f))
+        proc, url = start_server(workdir, workflows)
         try:
             _http(url + "/settings", {**browser.FRONTEND_SETTINGS, **THUMB_SETTINGS})
             with sync_playwright() as pw:
@@ -134,9 +161,7 @@ def main(argv=None) -> int:
                 # twice the thumbnail size, then downscaled: readable titles, no low-quality rendering
                 page = browser.open_frontend(chromium, url, viewport=(THUMB_SIZE[0] * 2, THUMB_SIZE[1] * 2))
                 set_focus_mode(page, True)
-                for path in paths:
-                    with open(path) as f:
-                        workflow = json.load(f)
+                for path, workflow in zip(paths, workflows):
                     target = os.path.splitext(path)[0] + ".jpg"
                     with open(target, "wb") as f:
                         f.write(screenshot_workflow(page, workflow))
