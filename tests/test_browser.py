@@ -29,7 +29,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 import browser_helpers as bh
-from comfy_server import ComfyServer
+from devtools.comfy_server import ComfyServer
 from conftest import REPO
 from devtools import comfy_runtime
 

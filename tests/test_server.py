@@ -6,7 +6,7 @@ import pytest
 import safetensors.torch
 
 from devtools import tiny_models as tm
-from comfy_server import ComfyServer
+from devtools.comfy_server import ComfyServer
 
 
 @pytest.fixture(scope="module")
