@@ -19,7 +19,6 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 import comfy.model_detection
-import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
@@ -428,15 +427,14 @@ def _tiny(kind: str, spec: Kind, ckpt: TinyCheckpoint, seed: int, dtype: torch.d
                      _patch_of(base.model_config.unet_config), dict(spec.extra_cond))
 
 
+def kind_spec(kind: str) -> Kind:
+    """The Kind of a buildable kind: one of KINDS (FLUX/SD3) or FAMILY_KINDS (the other joint-attention families)."""
+    return KINDS[kind] if kind in KINDS else FAMILY_KINDS[kind]
+
+
 def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: str = "tiny") -> TinyModel:
-    """A tiny random-weight model of one of KINDS (size "bench": the benchmark's larger variant)."""
-    return _tiny(kind, KINDS[kind], checkpoint(kind, size), seed, dtype)
-
-
-def build_family(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
-    """A tiny random-weight model of one of FAMILY_KINDS, as a ComfyUI ModelPatcher."""
-    spec = FAMILY_KINDS[kind]
-    return _tiny(kind, spec, spec.checkpoint, seed, dtype)
+    """A tiny random-weight model of one of KINDS or FAMILY_KINDS (size "bench": the benchmark's larger variant)."""
+    return _tiny(kind, kind_spec(kind), checkpoint(kind, size), seed, dtype)
 
 
 def build_unsupported(kind: str):
@@ -447,10 +445,6 @@ def build_unsupported(kind: str):
 def build_cross_attention(kind: str):
     """ModelPatcher of one of CROSS_ATTENTION_KINDS (for the error paths; never sampled)."""
     return build_model(CROSS_ATTENTION_KINDS[kind])[1]
-
-
-def unload_all() -> None:
-    comfy.model_management.unload_all_models()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -482,7 +476,8 @@ def image_tokens(tiny: TinyModel, height: int, width: int) -> int:
 
 
 def family_latent(tiny: TinyModel, batch: int = 1, shape: Optional[tuple] = None) -> torch.Tensor:
-    return torch.zeros((batch,) + tuple(shape or FAMILY_KINDS[tiny.kind].latent_shape))
+    """An empty latent of ``shape`` (without batch; default: the kind's own latent shape)."""
+    return torch.zeros((batch,) + tuple(shape or kind_spec(tiny.kind).latent_shape))
 
 
 class _VisionOutput(NamedTuple):  # what CLIPVisionEncode hands HunyuanVideo 1.5 (only last_hidden_state is read)

@@ -1,4 +1,4 @@
-"""Test-side helpers: run ComfyUI's real samplers, and attention overrides used as references or spies.
+"""Test-side helpers: the TACA node applied, and attention overrides used as references or spies.
 
 The overrides here stand in for "another pack": they are installed the way such
 packs install theirs (``transformer_options["optimized_attention_override"]`` on
@@ -7,14 +7,23 @@ a clone), and ComfyUI's own ``wrap_attn`` calls them.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from devtools.sampling import one_step, sample_sigmas, schedule  # noqa: F401  (re-exported for the tests)
 from reference import taca_reference
 
 OVERRIDE_KEY = "optimized_attention_override"
+
+
+GAMMA = 1.2  # the paper's default temperature
+THRESHOLD = 0.97  # the paper's sigma threshold (eq. 11)
+
+
+def taca(pack_nodes, model, gamma: float = GAMMA, threshold: float = THRESHOLD, mode: str = "exact"):
+    """``model`` patched by the TACA Patch Model node, as a workflow would run it."""
+    return pack_nodes["TACAPatchModel"].execute(model=model, gamma=gamma, threshold_sigma=threshold,
+                                                mode=mode).result[0]
 
 
 def with_override(patcher, override: Callable):
@@ -61,36 +70,48 @@ def _mask_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 class ReferenceTacaAttention:
     """Computes joint calls with the float64 eq.-10 reference; other calls go to ComfyUI's kernel.
 
-    ``joint_length`` and the text span are the test's own knowledge of the model
-    it built (text tokens fed + registers, image tokens from the latent size).
-    ``post`` is applied to the output of every call (to model a composed override).
-    ``listing2=True`` scales the text keys for every query (the paper's listing 2, 'selective').
+    ``layouts`` maps a joint sequence length to its text span (start, stop): the test's own reading of the model
+    it built (observed with ``layouts.observe_joint_layout``, or known from the inputs it fed); self-attention
+    calls of any other length go to ComfyUI's kernel.  With ``threshold`` set, the reference acts only while the
+    call's sigma >= threshold (eq. 11), so whole sampler runs can be compared.  ``post`` is applied to the output
+    of every call (to model a composed override).  ``listing2=True`` scales the text keys for every query (the
+    paper's listing 2, 'selective').  Counters: ``joint_calls`` per length, ``other_calls`` as (q length, k length).
     """
 
-    def __init__(self, joint_length: int, text_start: int, text_stop: int, gamma: float,
+    def __init__(self, layouts: Dict[int, Tuple[int, int]], gamma: float, threshold: Optional[float] = None,
                  post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, listing2: bool = False):
-        self.listing2 = listing2
-        self.joint_length = joint_length
-        self.text = (text_start, text_stop)
+        self.layouts = {int(n): (int(a), int(b)) for n, (a, b) in layouts.items()}
         self.gamma = gamma
+        self.threshold = threshold
         self.post = post or (lambda out: out)
-        self.joint_calls = 0
-        self.other_calls = 0
+        self.listing2 = listing2
+        self.joint_calls_by_length = {n: 0 for n in self.layouts}
+        self.other_calls: List[tuple] = []
+
+    @property
+    def joint_calls(self) -> int:
+        return sum(self.joint_calls_by_length.values())
 
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
         seq_dim = 2 if skip_reshape else 1
-        if q.shape[seq_dim] != self.joint_length:
-            self.other_calls += 1
-            return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision,
-                                  skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs))
-        self.joint_calls += 1
+        n = q.shape[seq_dim]
+        active = True
+        if self.threshold is not None:
+            sigmas = kwargs["transformer_options"].get("sigmas")
+            active = float(sigmas.max()) >= self.threshold
+        if n not in self.layouts or k.shape[seq_dim] != n or not active:
+            self.other_calls.append((n, k.shape[seq_dim]))
+            return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                                  skip_output_reshape=skip_output_reshape, **kwargs))
+        self.joint_calls_by_length[n] += 1
         q4, k4, v4, scale = _reference_bhnd(q, k, v, heads, skip_reshape, kwargs)
-        out = taca_reference(q4, k4, v4, self.text[0], self.text[1], self.gamma, _mask_4d(mask),
+        start, stop = self.layouts[n]
+        out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask),
                              visual_rows_only_text_scaling=not self.listing2, scale=scale).to(q.dtype)
         if not skip_output_reshape:
-            b, h, n, d = out.shape
-            out = out.transpose(1, 2).reshape(b, n, h * d)
+            b, h, n_, d = out.shape
+            out = out.transpose(1, 2).reshape(b, n_, h * d)
         return self.post(out)
 
 
@@ -114,41 +135,3 @@ class AttentionSpy:
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
-
-
-class MultiLayoutReference:
-    """The float64 eq.-10 reference for models whose joint calls come in several layouts.
-
-    ``layouts`` maps a joint sequence length to its text span (start, stop), the test's own reading of the
-    model it built; calls of any other length go to ComfyUI's kernel.  With ``threshold`` set, the reference
-    acts only while the call's sigma >= threshold (eq. 11), so whole sampler runs can be compared.
-    Counters: ``joint_calls`` per length, ``other_calls`` as (q length, k length).
-    """
-
-    def __init__(self, layouts, gamma: float, threshold: Optional[float] = None):
-        self.layouts = {int(n): (int(a), int(b)) for n, (a, b) in layouts.items()}
-        self.gamma = gamma
-        self.threshold = threshold
-        self.joint_calls = {n: 0 for n in self.layouts}
-        self.other_calls: List[tuple] = []
-
-    def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
-                 skip_output_reshape=False, **kwargs):
-        seq_dim = 2 if skip_reshape else 1
-        n = q.shape[seq_dim]
-        active = True
-        if self.threshold is not None:
-            sigmas = kwargs["transformer_options"].get("sigmas")
-            active = float(sigmas.max()) >= self.threshold
-        if n not in self.layouts or k.shape[seq_dim] != n or not active:
-            self.other_calls.append((n, k.shape[seq_dim]))
-            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, **kwargs)
-        self.joint_calls[n] += 1
-        q4, k4, v4, scale = _reference_bhnd(q, k, v, heads, skip_reshape, kwargs)
-        start, stop = self.layouts[n]
-        out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask), scale=scale).to(q.dtype)
-        if not skip_output_reshape:
-            b, h, n_, d = out.shape
-            out = out.transpose(1, 2).reshape(b, n_, h * d)
-        return out

@@ -59,11 +59,6 @@ def taca_reference(
     return torch.einsum("bhij,bhjd->bhid", weights, v)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 def max_row_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Worst relative error over query rows (a row = one token's output vector)."""
     a, b = a.double(), b.double()

@@ -22,17 +22,13 @@ from comfy.patcher_extension import WrappersMP
 
 from devtools import tiny_models as tm
 from devtools.comfy_runtime import version_key
-from harness import ReferenceTacaAttention, one_step, rel_diff, with_override
+from devtools.sampling import one_step
+from harness import GAMMA, ReferenceTacaAttention, rel_diff, taca, with_override
 from layouts import observe_joint_layout
 from taca.patch import WRAPPER_KEY
 
-GAMMA = 1.2
 TOLERANCE = 1e-4
 FLUX_JOINT_LAYERS = 4  # the tiny FLUX: 2 double + 2 single blocks
-
-
-def taca(pack_nodes, model, mode="exact"):
-    return pack_nodes["TACAPatchModel"].execute(model=model, gamma=GAMMA, threshold_sigma=0.97, mode=mode).result[0]
 
 
 def run_report(patcher):
@@ -103,7 +99,7 @@ def test_taca_composes_with_the_model_attention_backend_node(pack_nodes, order):
     out, calls = counting_sdpa(one_step, model, pos, neg, latent, 1.0, 3.0)
     assert report.acted_steps == [0] and report.attention_calls == FLUX_JOINT_LAYERS, report.as_message()
     assert calls == 2 * FLUX_JOINT_LAYERS
-    ref = one_step(with_override(tiny.patcher, ReferenceTacaAttention(length, start, stop, GAMMA)), pos, neg, latent,
+    ref = one_step(with_override(tiny.patcher, ReferenceTacaAttention({length: (start, stop)}, GAMMA)), pos, neg, latent,
                    1.0, 3.0)
     plain = one_step(with_backend, pos, neg, latent, 1.0, 3.0)
     assert rel_diff(out, ref) <= TOLERANCE, (rel_diff(out, ref), rel_diff(plain, ref))
@@ -111,7 +107,7 @@ def test_taca_composes_with_the_model_attention_backend_node(pack_nodes, order):
 
 
 def omnigen2_case():
-    tiny = tm.build_family("omnigen2")
+    tiny = tm.build("omnigen2")
     ref_latent = [torch.randn(1, 16, 12, 8, generator=torch.Generator().manual_seed(7))]
     pos = tm.family_conditioning(tiny, 1, batch=1, reference_latents=ref_latent)
     neg = tm.family_conditioning(tiny, 2, batch=1, reference_latents=ref_latent)
@@ -141,7 +137,7 @@ def test_omnigen2_grouped_query_attention_in_every_mode(pack_nodes, mode):
         one_step(with_override(tiny.patcher, witness), pos, neg, latent, 1.0, 3.0)
         # On 0.33 the joint calls really are grouped-query: fewer K heads than Q heads, enable_gqa set.
         assert witness.grouped and all(gqa and k[1] < q[1] for gqa, q, k in witness.grouped), witness.grouped
-    reference = ReferenceTacaAttention(length, start, stop, GAMMA, listing2=(mode == "selective"))
+    reference = ReferenceTacaAttention({length: (start, stop)}, GAMMA, listing2=(mode == "selective"))
     out = one_step(taca(pack_nodes, tiny.patcher, mode=mode), pos, neg, latent, 1.0, 3.0)
     ref = one_step(with_override(tiny.patcher, reference), pos, neg, latent, 1.0, 3.0)
     plain = one_step(tiny.patcher, pos, neg, latent, 1.0, 3.0)

@@ -17,7 +17,8 @@ import folder_paths
 
 from devtools import lora_files
 from devtools import tiny_models as tm
-from harness import one_step, rel_diff, schedule
+from devtools.sampling import one_step, schedule
+from harness import rel_diff, taca
 
 TOL = 1e-5  # fp32: low-rank beside the layer vs merged into the weight
 
@@ -37,11 +38,6 @@ def save(lora_dir, name, tensors):
 def taca_lora(pack_nodes, model, name, strength=1.0, active="taca_steps"):
     return pack_nodes["TACALoraLoader"].execute(model=model, lora_name=name, strength=strength,
                                                 active_during=active).result[0]
-
-
-def taca(pack_nodes, model, threshold=0.97, gamma=1.2):
-    return pack_nodes["TACAPatchModel"].execute(model=model, gamma=gamma, threshold_sigma=threshold,
-                                                mode="exact").result[0]
 
 
 def core_lora(model, tensors, strength=1.0):

@@ -6,12 +6,7 @@ import pytest
 
 from devtools import tiny_models as tm
 from devtools.sampling import ksample, schedule
-
-
-def taca(pack_nodes, model, **kw):
-    args = dict(gamma=1.2, threshold_sigma=0.97, mode="exact")
-    args.update(kw)
-    return pack_nodes["TACAPatchModel"].execute(model=model, **args).result[0]
+from harness import taca
 
 
 def last_report(caplog):

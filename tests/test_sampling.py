@@ -9,22 +9,14 @@ import pytest
 import torch
 
 from devtools import tiny_models as tm
-from devtools.sampling import ksample
-from harness import (AttentionSpy, ReferenceTacaAttention, installed_override, one_step, rel_diff, sample_sigmas,
-                     schedule, with_override)
-
-GAMMA = 1.2
+from devtools.sampling import ksample, one_step, sample_sigmas, schedule
+from harness import GAMMA, AttentionSpy, ReferenceTacaAttention, installed_override, rel_diff, taca, with_override
 
 # ComfyUI 0.3.75's schedules at 1024x1024, 30 steps, `simple` (shared/TACA_REFERENCE.md section 7).
 PUBLISHED_FIRST_SIGMAS = {
     "flux": [1.0, 0.98921, 0.97791, 0.96601, 0.95356, 0.94047],
     "sd3": [1.0, 0.98875, 0.97699, 0.96429, 0.95135, 0.93778],
 }
-
-
-def taca(pack_nodes, model, gamma=GAMMA, threshold=0.97, mode="exact"):
-    return pack_nodes["TACAPatchModel"].execute(model=model, gamma=gamma, threshold_sigma=threshold,
-                                                mode=mode).result[0]
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
@@ -113,7 +105,7 @@ def test_two_branches_with_different_settings_each_get_their_own(pack_nodes):
     assert torch.equal(a1, a2)
     joint = 256 + tm.image_tokens(tiny, 16, 16)
     for out, gamma in ((a1, 1.2), (b1, 1.3)):
-        ref = one_step(with_override(tiny.patcher, ReferenceTacaAttention(joint, 0, 256, gamma)), pos, neg, latent,
+        ref = one_step(with_override(tiny.patcher, ReferenceTacaAttention({joint: (0, 256)}, gamma)), pos, neg, latent,
                        cfg=3.0)
         assert rel_diff(out, ref) <= 1e-4
     assert rel_diff(a1, b1) > 1e-3
@@ -142,7 +134,7 @@ def test_composes_with_another_attention_override_in_either_order(pack_nodes, or
     theirs = installed_override(model)
     out = one_step(model, pos, neg, latent, cfg=3.0)
     joint = 256 + tm.image_tokens(tiny, 16, 16)
-    expected = one_step(with_override(tiny.patcher, ReferenceTacaAttention(joint, 0, 256, GAMMA, post=halve)),
+    expected = one_step(with_override(tiny.patcher, ReferenceTacaAttention({joint: (0, 256)}, GAMMA, post=halve)),
                         pos, neg, latent, cfg=3.0)
     taca_only = one_step(taca(pack_nodes, tiny.patcher), pos, neg, latent, cfg=3.0)
     theirs_only = one_step(with_override(tiny.patcher, AttentionSpy(post=halve)), pos, neg, latent, cfg=3.0)

@@ -93,7 +93,7 @@ def test_forward_step_runs(kind):
         positive, negative = tm.conditioning(tiny, 1), tm.conditioning(tiny, 2)
         latent = tm.latent(tiny, size, size)
     else:
-        tiny = tm.build_family(kind)
+        tiny = tm.build(kind)
         positive = tm.family_conditioning(tiny, 1, **FAMILY_COND.get(kind, {}))
         negative = tm.family_conditioning(tiny, 2, **FAMILY_COND.get(kind, {}))
         latent = tm.family_latent(tiny)
