@@ -349,9 +349,3 @@ def family_for_model(base_model: Any) -> ModelFamily:
         f"Remove the TACA Patch Model node (or bypass it) for this model."
     )
 
-
-def family_by_class_name(class_name: str) -> Optional[ModelFamily]:
-    for family in FAMILIES:
-        if class_name in family.model_classes:
-            return family
-    return None
