@@ -83,10 +83,13 @@ function formatSteps(steps, minRun = 2) {
   return parts.join(", ");
 }
 
-function widgetValue(node, name, fallback) {
+// The node's input defaults, from its definition (the server's object_info), for a widget without a number yet.
+const inputDefaults = {};
+
+function widgetValue(node, name) {
   const w = node.widgets?.find((x) => x.name === name);
   const v = w ? Number(w.value) : NaN;
-  return Number.isFinite(v) ? v : fallback;
+  return Number.isFinite(v) ? v : inputDefaults[name];
 }
 
 /**
@@ -163,7 +166,7 @@ function wrapText(ctx, text, maxWidth) {
 function layout(node, width) {
   const ctx = measurer();
   const inner = Math.max(40, width - 2 * PAD);
-  const plot = computePlot(widgetValue(node, "gamma", 1.2), widgetValue(node, "threshold_sigma", 0.97),
+  const plot = computePlot(widgetValue(node, "gamma"), widgetValue(node, "threshold_sigma"),
     node.tacaReport ?? null);
   const labelLines = wrapText(ctx, plot.label, inner);
   const feedback = computeFeedback(node.tacaReport ?? null);
@@ -285,8 +288,8 @@ function refresh(node) {
     const measured = view.element.clientWidth;
     // not laid out yet (hidden, off screen, collapsed): the width the classic renderer will give it
     const width = measured > 0 ? measured : Math.max(60, (node.size?.[0] ?? 320) - 2 * margin(view));
-    const gamma = widgetValue(node, "gamma", 1.2);
-    const threshold = widgetValue(node, "threshold_sigma", 0.97);
+    const gamma = widgetValue(node, "gamma");
+    const threshold = widgetValue(node, "threshold_sigma");
     const key = `${gamma}|${threshold}|${view.reportSeq}|${width}`;
     if (key === view.key) return;
     view.key = key;
@@ -410,6 +413,9 @@ app.registerExtension({
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE_TYPE) return;
+    for (const name of ["gamma", "threshold_sigma"]) {
+      inputDefaults[name] = Number(nodeData.input?.required?.[name]?.[1]?.default);
+    }
     const proto = nodeType.prototype;
     const onDrawForeground = proto.onDrawForeground;
     proto.onDrawForeground = function (ctx, ...rest) {
