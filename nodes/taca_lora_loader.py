@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..taca import lora as taca_lora
+from ..taca import settings as taca_settings
 
 log = logging.getLogger("comfyui-taca")
 
@@ -34,7 +35,8 @@ class TACALoraLoader(io.ComfyNode):
                                tooltip="How strongly the LoRA is applied; 1.0 is what it was trained for."),
                 io.Combo.Input("active_during", options=list(taca_lora.ACTIVE_DURING), default="taca_steps",
                                tooltip="taca_steps: only on the model calls where TACA acts (same sigma threshold as the "
-                                       "TACA Patch Model on this model; 0.97 if there is none), as the authors use it. "
+                                       "TACA Patch Model on this model; "
+                                       f"{taca_settings.DEFAULT_THRESHOLD_SIGMA} if there is none), as the authors use it. "
                                        "all_steps: an ordinary always-on LoRA."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the LoRA; the input model is left unchanged.")],

@@ -12,6 +12,8 @@ from comfy_api.latest import io
 
 from ..taca import attention as taca_attention
 from ..taca import families, patch
+from ..taca import settings as taca_settings
+from ..taca.settings import TacaSettings
 
 DESCRIPTION = (
     "TACA (Temperature-Adjusted Cross-modal Attention, arXiv 2506.07986): multiplies the attention logits "
@@ -32,17 +34,21 @@ class TACAPatchModel(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An MM-DiT model: FLUX.1, Flux.2, Chroma, SD3/3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1, Qwen-Image, HiDream, Lumina 2/Z-Image or OmniGen2."),
                 io.Float.Input(
-                    "gamma", default=1.2, min=taca_attention.GAMMA_MIN, max=taca_attention.GAMMA_MAX, step=0.01,
+                    "gamma", default=taca_settings.DEFAULT_GAMMA, min=taca_settings.GAMMA_MIN,
+                    max=taca_settings.GAMMA_MAX, step=0.01,
                     tooltip="Temperature gamma_0 applied to image-query x text-key attention logits. "
-                            "The paper uses 1.2 (1.15-1.25 all help; 1.3 helps shape but hurts colour). 1.0 turns TACA off.",
+                            f"The paper uses {taca_settings.DEFAULT_GAMMA} (1.15-1.25 all help; 1.3 helps shape but "
+                            f"hurts colour). {taca_settings.GAMMA_OFF} turns TACA off.",
                 ),
                 io.Float.Input(
-                    "threshold_sigma", default=0.97, min=0.0, max=1.0, step=0.001,
+                    "threshold_sigma", default=taca_settings.DEFAULT_THRESHOLD_SIGMA,
+                    min=taca_settings.THRESHOLD_SIGMA_MIN, max=taca_settings.THRESHOLD_SIGMA_MAX, step=0.001,
                     tooltip="TACA acts while the current sigma is >= this value (paper eq. 11: t_thresh = 1000 x sigma; "
-                            "default 0.97 = the first 3 of 30 steps on FLUX and SD3.5). 0 = every step.",
+                            f"default {taca_settings.DEFAULT_THRESHOLD_SIGMA} = the first 3 of 30 steps on FLUX and "
+                            "SD3.5). 0 = every step.",
                 ),
                 io.Combo.Input(
-                    "mode", options=list(taca_attention.MODES), default="exact",
+                    "mode", options=list(taca_settings.MODES), default=taca_settings.DEFAULT_MODE,
                     tooltip="exact: eq. 10 exactly, through ComfyUI's own attention kernel (two calls during TACA steps). "
                             "selective: the paper's fast listing 2, one call, but text->text logits are scaled too. "
                             "flex: the paper's listing 1 via torch flex_attention (exact, compiled when possible; slower).",
@@ -54,11 +60,11 @@ class TACAPatchModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, gamma: float, threshold_sigma: float, mode: str) -> io.NodeOutput:
-        taca_attention.validate_settings(gamma, threshold_sigma, mode)
+        settings = TacaSettings.from_inputs(gamma, threshold_sigma, mode)
         family = families.family_for_model(model.model)
-        if mode == "flex":
+        if settings.mode == "flex":
             taca_attention.require_flex()
         patched = model.clone()
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        patch.install(patched, patch.TacaSettings(float(gamma), float(threshold_sigma), mode), family, node_id)
+        patch.install(patched, settings, family, node_id)
         return io.NodeOutput(patched)

@@ -14,14 +14,10 @@ their meaning.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-MODES: Tuple[str, ...] = ("exact", "selective", "flex")
-GAMMA_MIN = 0.1
-GAMMA_MAX = 3.0
 FLEX_MIN_TORCH = "2.5.0"
 
 # attend(q, k, v, mask) -> output; the layout of every tensor is the caller's.
@@ -51,22 +47,6 @@ class TextSpan(NamedTuple):
         """The visual token ranges, in sequence order (one, or two if text sits in the middle)."""
         pieces = [(0, self.start), (self.stop, self.length)]
         return [(a, b) for a, b in pieces if b > a]
-
-
-def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
-    """Raise ValueError naming the bad value and the accepted range."""
-    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or not (GAMMA_MIN <= gamma <= GAMMA_MAX):
-        raise ValueError(
-            f"TACA: gamma={gamma!r} is out of range; use a value in [{GAMMA_MIN}, {GAMMA_MAX}] "
-            "(the paper uses 1.15-1.25, default 1.2; 1.0 disables TACA)."
-        )
-    if not isinstance(threshold_sigma, (int, float)) or not math.isfinite(threshold_sigma) or not (0.0 <= threshold_sigma <= 1.0):
-        raise ValueError(
-            f"TACA: threshold_sigma={threshold_sigma!r} is out of range; use a sigma in [0, 1] "
-            "(default 0.97, i.e. t_thresh = 970 in the paper)."
-        )
-    if mode not in MODES:
-        raise ValueError(f"TACA: unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
 
 # Who may write into K, the caller's choice (see ``scaled_text_keys``):

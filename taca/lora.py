@@ -38,14 +38,15 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import patch
+from . import patch, settings as taca_settings
 from .report import running_server
 
 log = logging.getLogger("comfyui-taca")
 
 ACTIVE_DURING = ("taca_steps", "all_steps")
-DEFAULT_THRESHOLD = 0.97  # the paper's t_thresh = 970, used when no TACA patch is on the model
 GATE_WRAPPER_KEY = "comfyui-taca-lora"
+# The gate's schedule on a model without a TACA Patch Model: the default threshold (gamma only has to be on).
+NO_TACA = taca_settings.TacaSettings()
 
 
 class LowRank(NamedTuple):
@@ -109,9 +110,6 @@ class LowRankForward:
             out = update.add_to(out, x)
         return out
 
-    def __deepcopy__(self, memo):  # state is shared on purpose: the gate belongs to one loader node
-        return self
-
     def for_model(self, model: torch.nn.Module) -> "LowRankForward":
         """This patch calling ``model``'s layer instead of the one it was made on (self if already so)."""
         import comfy.utils
@@ -151,20 +149,15 @@ class LoraGateWrapper:
         self.lora_name = lora_name
         self._told_no_taca = False
 
-    def __deepcopy__(self, memo):  # ComfyUI 0.3.75 deep-copies model_options on clone; keep the shared gate
-        return self
-
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         options = dict(transformer_options or {})
         sigma = patch.current_sigma(t, options)
-        settings = patch.settings_from_options(options)
+        settings = taca_settings.stored(options)
         if settings is None:
             self._tell_no_taca()
-            active = sigma >= DEFAULT_THRESHOLD
-        else:
-            active = settings.active_at(sigma)
-        self.gate.active = active
+            settings = NO_TACA
+        self.gate.active = settings.active_at(sigma)
         try:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         finally:
@@ -175,7 +168,7 @@ class LoraGateWrapper:
             return
         self._told_no_taca = True
         message = (f"TACA LoRA '{self.lora_name}' is meant to be used with TACA, but this model has no TACA Patch "
-                   f"Model; the LoRA acts while sigma >= {DEFAULT_THRESHOLD} without TACA. Add a TACA Patch Model "
+                   f"Model; the LoRA acts while sigma >= {NO_TACA.threshold_sigma} without TACA. Add a TACA Patch Model "
                    "node (before or after the loader) or set active_during to all_steps.")
         log.warning(message)
         notify_node(self.node_id, message)

@@ -1,7 +1,7 @@
 """Installs TACA on a ComfyUI ModelPatcher clone.
 
-Two hooks, both held in the clone's ``model_options`` (so every clone has its
-own settings and the input model is never touched):
+The clone holds the settings (in ``model_options``, see ``taca.settings``) and
+two hooks, so the input model is never touched:
 
 * an APPLY_MODEL wrapper, run once per model call: it reads the current sigma
   (the one host-device synchronisation this pack adds per call), and only when
@@ -21,6 +21,10 @@ there, or ``passthrough_attention``), so ``transformer_options`` has the same
 keys on every call of a patched model: torch.compile guards on those keys, and
 a key that comes and goes breaks them.
 
+An OUTER_SAMPLE wrapper resets and publishes the node's run report
+(``taca.report``).  ``ModelPatcher.clone`` copies wrapper lists, so every clone
+of a patched model runs these same objects and fills the same report.
+
 ComfyUI is only touched through the objects it passes in; importing this
 module does not import ComfyUI.
 """
@@ -33,15 +37,15 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Set, Tup
 import torch
 
 from . import attention as taca_attention
+from . import settings as taca_settings
 from .attention import TextSpan
 from .families import ModelFamily
 from .report import ReportSampleWrapper, RunReport
+from .settings import TacaSettings
 
 log = logging.getLogger("comfyui-taca")
 
 WRAPPER_KEY = "comfyui-taca"
-# transformer_options[OPTIONS_KEY] holds the settings, for nodes that follow TACA (the LoRA loader).
-OPTIONS_KEY = "taca"
 OVERRIDE_KEY = "optimized_attention_override"
 # The sigma read once per model call, shared with the TACA LoRA gate so the call syncs only once.
 SIGMA_CACHE_KEY = "taca_sigma"
@@ -67,16 +71,6 @@ def passthrough_attention(func: Callable, *args: Any, **kwargs: Any) -> torch.Te
     return func(*args, **kwargs)
 
 
-class TacaSettings(NamedTuple):
-    gamma: float
-    threshold_sigma: float
-    mode: str
-
-    def active_at(self, sigma: float) -> bool:
-        """Paper eq. 11: gamma_0 while t >= t_thresh (sigma >= threshold), else 1."""
-        return self.gamma != 1.0 and sigma >= self.threshold_sigma
-
-
 def current_sigma(t: Any, options: Dict[str, Any]) -> float:
     """The model call's sigma as a float: one host-device synchronisation per call, cached in ``options``.
 
@@ -90,12 +84,18 @@ def current_sigma(t: Any, options: Dict[str, Any]) -> float:
     return sigma
 
 
-def settings_from_options(options: Dict[str, Any]) -> Optional[TacaSettings]:
-    """The TACA settings a TACA Patch Model left on this model, or None."""
-    stored = options.get(OPTIONS_KEY)
-    if not isinstance(stored, dict):
-        return None
-    return TacaSettings(float(stored["gamma"]), float(stored["threshold_sigma"]), str(stored["mode"]))
+def compile_errors() -> Tuple[type, ...]:
+    """What compiling flex_attention can raise when torch.compile does not work here.
+
+    Inductor's own failures (no C++ compiler, no Triton, a lowering error: InductorError) arrive as
+    BackendCompilerFailed, of which it is a subclass.  Errors of the computation itself (out of memory,
+    a mask of the wrong shape, also when dynamo meets them while tracing: TorchRuntimeError) are not
+    here: they are the call's, and compiling stays on.
+    """
+    from torch._dynamo import exc
+
+    return (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.Unsupported, exc.InvalidBackend,
+            exc.FailOnRecompileLimitHit)
 
 
 class _FlexKernel:
@@ -119,7 +119,7 @@ class _FlexKernel:
                 if cls.compiled is None:
                     cls.compiled = torch.compile(flex_attention, dynamic=False)
                 return taca_attention.flex_taca_attention(q, k, v, mask, span, gamma, flex_fn=cls.compiled, **extra)
-            except Exception as err:  # a compiler that does not work here is not the user's problem
+            except compile_errors() as err:  # a compiler that does not work here is not the user's problem
                 cls.compile_failed = True
                 log.warning("TACA flex: torch.compile of flex_attention failed (%s: %s); using eager "
                             "flex_attention, which is exact but slow.", type(err).__name__, err)
@@ -159,6 +159,70 @@ def _may_borrow(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> bool:
         return False
 
 
+class JointCall(NamedTuple):
+    """One joint text+image attention call, its arguments split out of ComfyUI's calling convention."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: int
+    mask: Optional[torch.Tensor]
+    params: Dict[str, Any]  # every other keyword, handed on to the kernel
+    seq_dim: int  # of q, k and v: 1 for (B, N, H*D), 2 for (B, H, N, D)
+    out_seq_dim: int  # of the output the model asked for
+    span: TextSpan
+
+    def as_heads(self) -> "JointCall":
+        """The call with q, k and v as (B, H, N, D) views (exact and flex work on heads).
+
+        SD3 passes (B, N, H*D), with v as (B, N, H, D).  With enable_gqa K and V carry fewer heads than Q,
+        so the head size comes from Q.
+        """
+        if self.seq_dim == 2:
+            return self
+        dim_head = self.q.shape[-1] // self.heads
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2) for t in (self.q, self.k, self.v))
+        return self._replace(q=q, k=k, v=v, seq_dim=2, params=dict(self.params, skip_reshape=True))
+
+
+def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, TextSpan]) -> Optional[JointCall]:
+    """The call's arguments when its sequence is one of ``spans``' joint sequences, else None."""
+    if len(args) > len(_ATTENTION_PARAMS):
+        return None
+    params = dict(zip(_ATTENTION_PARAMS, args))
+    params.update(kwargs)
+    q, k, v = params.pop("q"), params.pop("k"), params.pop("v")
+    heads = params.pop("heads")
+    mask = params.pop("mask", None)
+    seq_dim = 2 if params.get("skip_reshape", False) else 1
+    out_seq_dim = 2 if params.get("skip_output_reshape", False) else 1
+    span = spans.get(q.shape[seq_dim]) if q.ndim == (4 if seq_dim == 2 else 3) else None
+    if span is None or k.shape[seq_dim] != span.length:
+        return None
+    return JointCall(q, k, v, heads, mask, params, seq_dim, out_seq_dim, span)
+
+
+def key_policy(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, layout_copy: bool = False) -> str:
+    """Who may write into ``k``, the K the kernel will read (see ``taca.attention.KEY_POLICIES``).
+
+    A layout copy this call made (``layout_copy``) is ours; the caller's own K is borrowed when that is
+    safe, else scaled as a copy.
+    """
+    if layout_copy:
+        return "owned"
+    return "borrowed" if _may_borrow(k, q, v) else "copy"
+
+
+def flex_fallback(params: Dict[str, Any]) -> bool:
+    """Whether a flex call must take the exact path: it passes keywords flex does not compute (said once)."""
+    unknown = set(params) - _FLEX_KEYWORDS
+    if unknown:
+        _warn_once(f"TACA flex: this model passes attention keywords flex does not implement "
+                   f"({', '.join(sorted(unknown))}); its joint calls use mode 'exact', "
+                   "which hands them on to the attention kernel.")
+    return bool(unknown)
+
+
 class TacaAttentionOverride:
     """``transformer_options["optimized_attention_override"]`` for one TACA-active model call."""
 
@@ -175,78 +239,62 @@ class TacaAttentionOverride:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
 
+    def _backend(self, func: Callable, heads: int, params: Dict[str, Any]) -> taca_attention.Backend:
+        """The kernel (through any override that was there) for one row group, with the call's keywords."""
+        def attend(q, k, v, mask):
+            return self._inner(func, (q, k, v, heads), dict(params, mask=mask))
+        return attend
+
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
-        if len(args) > len(_ATTENTION_PARAMS):
-            self.other_calls += 1
-            return self._inner(func, args, kwargs)
-        params = dict(zip(_ATTENTION_PARAMS, args))
-        params.update(kwargs)
-        q, k, v = params.pop("q"), params.pop("k"), params.pop("v")
-        heads = params.pop("heads")
-        mask = params.pop("mask", None)
-        seq_dim = 2 if params.get("skip_reshape", False) else 1
-        out_seq_dim = 2 if params.get("skip_output_reshape", False) else 1
-        span = self.spans.get(q.shape[seq_dim]) if q.ndim == (4 if seq_dim == 2 else 3) else None
-        if span is None or k.shape[seq_dim] != span.length:
+        call = parse_joint_call(args, kwargs, self.spans)
+        if call is None:
             self.other_calls += 1  # not a joint text+image attention of this model call
             return self._inner(func, args, kwargs)
         self.joint_calls += 1
-
-        def attend(q_, k_, v_, mask_):
-            return self._inner(func, (q_, k_, v_, heads), dict(params, mask=mask_))
-
-        gamma = self.settings.gamma
         mode = self.settings.mode
-        if mode == "flex" and not _FLEX_KEYWORDS.issuperset(params):
-            _warn_once(f"TACA flex: this model passes attention keywords flex does not implement "
-                       f"({', '.join(sorted(set(params) - _FLEX_KEYWORDS))}); its joint calls use mode 'exact', "
-                       "which hands them on to the attention kernel.")
+        if mode == "flex" and flex_fallback(call.params):
             mode = "exact"
         if mode == "selective":
-            policy = "borrowed" if _may_borrow(k, q, v) else "copy"
-            return taca_attention.selective_attention(attend, q, k, v, mask, span, gamma, seq_dim, policy)
-        # exact and flex work on (B, H, N, D); SD3 passes (B, N, H*D), with v as (B, N, H, D).  With
-        # enable_gqa K and V carry fewer heads than Q, so the head size comes from Q.
-        if seq_dim == 1:
-            dim_head = q.shape[-1] // heads
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2) for t in (q, k, v))
-            params = dict(params, skip_reshape=True)
-            seq_dim = 2
+            return self._selective(func, call)
         if mode == "flex":
-            return self._flex(q, k, v, mask, out_seq_dim, span, params)
+            return self._flex(call.as_heads())
+        return self._exact(func, call.as_heads())
+
+    def _selective(self, func: Callable, call: JointCall) -> torch.Tensor:
+        return taca_attention.selective_attention(
+            self._backend(func, call.heads, call.params), call.q, call.k, call.v, call.mask, call.span,
+            self.settings.gamma, call.seq_dim, key_policy(call.k, call.q, call.v))
+
+    def _exact(self, func: Callable, call: JointCall) -> torch.Tensor:
+        """``call`` in (B, H, N, D)."""
         # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
-        # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).  A K we
-        # had to copy for that is ours to scale in place; the caller's own K is borrowed when that is safe.
-        if not k.is_contiguous():
-            policy = "owned"
-        elif _may_borrow(k, q, v):
-            policy = "borrowed"
-        else:
-            policy = "copy"
-        k, v = k.contiguous(), v.contiguous()
-        if out_seq_dim == 1:
-            # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
-            # groups straight into that layout (one copy, as the backend's own reshape would make).
-            def attend_heads(q_, k_, v_, mask_):
-                return self._inner(func, (q_, k_, v_, heads), dict(params, mask=mask_, skip_output_reshape=True))
+        # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).
+        k, v = call.k.contiguous(), call.v.contiguous()
+        policy = key_policy(k, call.q, call.v, layout_copy=k is not call.k)
+        q, mask, span, gamma = call.q, call.mask, call.span, self.settings.gamma
+        if call.out_seq_dim == 2:
+            attend = self._backend(func, call.heads, call.params)
+            return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, 2, 2, policy)
+        # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
+        # groups straight into that layout (one copy, as the backend's own reshape would make).
+        attend = self._backend(func, call.heads, dict(call.params, skip_output_reshape=True))
+        parts = taca_attention.exact_attention_parts(attend, q, k, v, mask, span, gamma, 2, policy)
+        if all(part.ndim == 4 for _, part in parts):
+            return taca_attention.assemble_heads_as_tokens(parts, span.length)
+        return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape
+            [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
 
-            parts = taca_attention.exact_attention_parts(attend_heads, q, k, v, mask, span, gamma, seq_dim, policy)
-            if all(part.ndim == 4 for _, part in parts):
-                return taca_attention.assemble_heads_as_tokens(parts, span.length)
-            return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape
-                [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
-        return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, seq_dim, out_seq_dim, policy)
-
-    def _flex(self, q, k, v, mask, out_seq_dim: int, span: TextSpan, params: Dict[str, Any]) -> torch.Tensor:
-        """q as (B, H, N, D), k and v as (B, H_kv, N, D); ``params`` the call's other keywords."""
+    def _flex(self, call: JointCall) -> torch.Tensor:
+        """``call`` in (B, H, N, D), K and V possibly with fewer heads (enable_gqa)."""
+        q, k, v, mask, params = call.q, call.k, call.v, call.mask, call.params
         dtype = q.dtype
         if params.get("attn_precision") == torch.float32 and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()  # the caller asked for fp32 attention
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        out = _FlexKernel.run(q, k, v, mask, span, self.settings.gamma, params.get("scale"),
+        out = _FlexKernel.run(q, k, v, mask, call.span, self.settings.gamma, params.get("scale"),
                               bool(params.get("enable_gqa", False))).to(dtype)
-        if out_seq_dim == 1:
+        if call.out_seq_dim == 1:
             b, h, n, d = out.shape
             out = out.transpose(1, 2).reshape(b, n, h * d)
         return out
@@ -285,21 +333,19 @@ class TacaApplyModelWrapper:
         return out
 
 
-def install(model_patcher: Any, settings: TacaSettings, family: ModelFamily, node_id: Optional[str] = None) -> RunReport:
+def install(model_patcher: Any, settings: TacaSettings, family: ModelFamily, node_id: Optional[str] = None) -> None:
     """Put TACA on ``model_patcher`` (a clone the caller owns), replacing an earlier TACA patch.
 
-    Returns the run report that the sampling runs of this model fill in and publish.
+    Wrappers are held per patcher and copied into each clone as the same objects, so the node's run report
+    is the one every clone's sampling run fills in and publishes.
     """
     from comfy.patcher_extension import WrappersMP
 
     model_patcher.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     model_patcher.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    report = RunReport(node_id, settings.gamma, settings.threshold_sigma, settings.mode)
-    options = model_patcher.model_options.setdefault("transformer_options", {})
-    options[OPTIONS_KEY] = {"gamma": settings.gamma, "threshold_sigma": settings.threshold_sigma,
-                            "mode": settings.mode, "family": family.name}
+    report = RunReport(node_id, settings)
+    taca_settings.store(model_patcher.model_options.setdefault("transformer_options", {}), settings)
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, ReportSampleWrapper(report))
-    if settings.gamma != 1.0:
+    if settings.enabled:
         model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                            TacaApplyModelWrapper(settings, family, report))
-    return report

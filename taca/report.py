@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Any, Dict, List, Optional
 
+from .settings import TacaSettings
+
 log = logging.getLogger("comfyui-taca")
 
 EVENT = "comfyui-taca.report"
@@ -28,15 +30,10 @@ def running_server() -> Optional[Any]:
 
 
 class RunReport:
-    def __init__(self, node_id: Optional[str], gamma: float, threshold_sigma: float, mode: str):
+    def __init__(self, node_id: Optional[str], settings: TacaSettings):
         self.node_id = node_id
-        self.gamma = gamma
-        self.threshold_sigma = threshold_sigma
-        self.mode = mode
+        self.settings = settings
         self.reset([])
-
-    def __deepcopy__(self, memo):  # shared by the node's wrappers across ComfyUI's model_options copies
-        return self
 
     def reset(self, sample_sigmas: Any) -> None:
         # Kept as given (a tensor, maybe on the GPU) and read only when the run is over: no sync while sampling.
@@ -77,14 +74,14 @@ class RunReport:
         return sorted(s for s in steps if s is not None)
 
     def warning(self) -> Optional[str]:
-        if self.gamma == 1.0:
-            return "TACA never acted: gamma is 1.0, which turns TACA off."
+        if not self.settings.enabled:
+            return f"TACA never acted: gamma is {self.settings.gamma}, which turns TACA off."
         if self.attention_calls > 0 or self.model_calls == 0:
             return None
         if self.acted_calls == 0:
             first = self.sample_sigmas[0] if self.sample_sigmas else None
             start = f"the run started at sigma {first:.3f}, " if first is not None else ""
-            return (f"TACA never acted: {start}below threshold_sigma {self.threshold_sigma:g} (img2img or denoise < 1 "
+            return (f"TACA never acted: {start}below threshold_sigma {self.settings.threshold_sigma:g} (img2img or denoise < 1 "
                     "starts below it). Lower threshold_sigma if you want TACA in this run.")
         return ("TACA never acted: no attention call of this model had the joint text+image layout TACA expects, "
                 "so nothing was changed.")
@@ -93,9 +90,9 @@ class RunReport:
         steps = max(len(self.sample_sigmas) - 1, 0)
         return {
             "node_id": self.node_id,
-            "gamma": self.gamma,
-            "threshold_sigma": self.threshold_sigma,
-            "mode": self.mode,
+            "gamma": self.settings.gamma,
+            "threshold_sigma": self.settings.threshold_sigma,
+            "mode": self.settings.mode,
             "steps_total": steps,
             "sample_sigmas": self.sample_sigmas,
             "acted_steps": self.acted_steps,
@@ -112,8 +109,8 @@ class RunReport:
         if m["warning"]:
             return m["warning"]
         steps = ", ".join(str(s) for s in m["acted_steps"]) or "none"
-        return (f"TACA acted on steps {steps} of {m['steps_total']} (sigma >= {self.threshold_sigma:g}, gamma "
-                f"{self.gamma:g}, {self.mode}): {m['attention_calls']} joint attention calls in "
+        return (f"TACA acted on steps {steps} of {m['steps_total']} (sigma >= {m['threshold_sigma']:g}, gamma "
+                f"{m['gamma']:g}, {m['mode']}): {m['attention_calls']} joint attention calls in "
                 f"{m['model_calls_acted']} of {m['model_calls']} model calls.")
 
     def publish(self) -> None:
@@ -136,9 +133,6 @@ class ReportSampleWrapper:
 
     def __init__(self, report: RunReport):
         self.report = report
-
-    def __deepcopy__(self, memo):
-        return self
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.report.reset(sigmas)

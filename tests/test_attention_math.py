@@ -186,25 +186,6 @@ def test_exact_does_not_touch_inputs():
     assert torch.equal(k, k_before)
 
 
-@pytest.mark.parametrize(
-    "gamma,threshold,mode",
-    [(0.0, 0.97, "exact"), (-1.0, 0.97, "exact"), (float("nan"), 0.97, "exact"), (50.0, 0.97, "exact"),
-     (1.2, -0.1, "exact"), (1.2, 1.5, "exact"), (1.2, float("inf"), "exact"), (1.2, 0.97, "fast")],
-)
-def test_bad_settings_are_refused_with_a_clear_message(gamma, threshold, mode):
-    with pytest.raises(ValueError) as err:
-        taca_attention.validate_settings(gamma, threshold, mode)
-    text = str(err.value)
-    assert "TACA" in text and ("gamma" in text or "threshold_sigma" in text or "mode" in text)
-
-
-def test_good_settings_pass():
-    for mode in taca_attention.MODES:
-        taca_attention.validate_settings(1.2, 0.97, mode)
-    taca_attention.validate_settings(1.0, 0.0, "exact")
-    taca_attention.validate_settings(1.3, 1.0, "flex")
-
-
 @pytest.mark.parametrize("span", [TextSpan.text_first(9, 39), TextSpan.text_last(9, 39), TextSpan(12, 21, 39)])
 def test_row_groups_written_straight_into_the_token_layout(span):
     """(B, H, n, D) row groups -> (B, N, H*D), the layout ComfyUI's models ask for."""

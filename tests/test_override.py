@@ -14,7 +14,8 @@ import comfyui_version
 from devtools.comfy_runtime import version_key
 from reference import max_row_rel_err, taca_reference
 from taca.attention import TextSpan
-from taca.patch import OVERRIDE_KEY, TacaAttentionOverride, TacaSettings, passthrough_attention
+from taca.patch import OVERRIDE_KEY, TacaAttentionOverride, passthrough_attention
+from taca.settings import TacaSettings
 
 COMFYUI_VERSION = comfyui_version.__version__
 
