@@ -1,6 +1,6 @@
 """The shared workflows: built here, written to workflows/ as UI-format JSON (what users drag into ComfyUI).
 
-    .runtime/venv/bin/python -m devtools.workflows        # rewrite workflows/*.json
+    TACA_COMFYUI_VERSION=0.33.0 .runtime/comfyui-0.33.0/venv/bin/python -m devtools.workflows   # rewrite workflows/*.json
 
 Also converts a UI-format workflow to the API format the way the frontend's
 ``app.graphToPrompt()`` does, using the server's ``/object_info`` (the browser
