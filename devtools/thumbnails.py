@@ -3,8 +3,9 @@
     TACA_COMFYUI_VERSION=0.33.0 .runtime/comfyui-0.33.0/venv/bin/python -m devtools.thumbnails   # rewrite workflows/<name>.jpg
 
 The frontend shows them in its Templates dialog, from /api/workflow_templates/comfyui-taca/<name>.jpg.
-Needs the runtime (scripts/setup_runtime.sh) and /usr/bin/chromium; starts its own `main.py --cpu`
-on a free loopback port. The browser itself is set up by devtools/browser.py, as in the browser tests.
+Needs the runtime (scripts/setup_runtime.sh) and /usr/bin/chromium; starts ComfyUI `main.py --cpu`
+on a free loopback port through devtools/comfy_server.py, as the tests do. The browser itself is set up
+by devtools/browser.py, as in the browser tests.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from devtools import browser
+from devtools.comfy_server import ComfyServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(REPO, "workflows")
@@ -65,20 +63,6 @@ def fit_view(page) -> None:
 
 # ------------------------------------------------------------------ a throwaway server for this script
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url: str, payload: Optional[dict] = None):
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        body = r.read()
-    return json.loads(body) if body else None
-
-
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras")
 MODEL_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|gguf)$")
 
@@ -100,31 +84,9 @@ def _placeholder_models(workflows, workdir: str) -> str:
     return config
 
 
-def start_server(workdir: str, workflows=()):
-    from devtools import comfy_runtime
-
-    port = _free_port()
-    dirs = {sub: os.path.join(workdir, sub) for sub in ("output", "temp", "input", "user")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
-    log = open(os.path.join(workdir, "server.log"), "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--output-directory", dirs["output"], "--temp-directory", dirs["temp"],
-                             "--input-directory", dirs["input"], "--user-directory", dirs["user"],
-                             "--extra-model-paths-config", _placeholder_models(workflows, workdir)],
-                            cwd=comfy_runtime.COMFYUI, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("ComfyUI exited during start-up; see " + log.name)
-        try:
-            _http(url + "/system_stats")
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("ComfyUI did not start in time; see " + log.name)
+def start_server(workdir: str, workflows=()) -> ComfyServer:
+    """ComfyUI on loopback (the one server harness), listing a placeholder for each model the workflows name."""
+    return ComfyServer(workdir, ("--extra-model-paths-config", _placeholder_models(workflows, workdir))).start()
 
 
 def screenshot_workflow(page, workflow: Dict[str, Any], size=THUMB_SIZE, quality: int = 80) -> bytes:
@@ -153,13 +115,13 @@ def main(argv=None) -> int:
         for path in paths:
             with open(path) as f:
                 workflows.append(json.load(f))
-        proc, url = start_server(workdir, workflows)
+        server = start_server(workdir, workflows)
         try:
-            _http(url + "/settings", {**browser.FRONTEND_SETTINGS, **THUMB_SETTINGS})
+            server.post("/settings", {**browser.FRONTEND_SETTINGS, **THUMB_SETTINGS})
             with sync_playwright() as pw:
                 chromium = browser.launch_browser(pw)
                 # twice the thumbnail size, then downscaled: readable titles, no low-quality rendering
-                page = browser.open_frontend(chromium, url, viewport=(THUMB_SIZE[0] * 2, THUMB_SIZE[1] * 2))
+                page = browser.open_frontend(chromium, server.url, viewport=(THUMB_SIZE[0] * 2, THUMB_SIZE[1] * 2))
                 set_focus_mode(page, True)
                 for path, workflow in zip(paths, workflows):
                     target = os.path.splitext(path)[0] + ".jpg"
@@ -168,8 +130,7 @@ def main(argv=None) -> int:
                     print("wrote", os.path.relpath(target, REPO))
                 chromium.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            server.stop()
     return 0
 
 
