@@ -12,7 +12,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
@@ -22,6 +21,7 @@ from comfy.patcher_extension import WrappersMP
 
 from devtools import tiny_models as tm
 from devtools.comfy_runtime import version_key
+from devtools.host_reads import TorchCallCounter
 from devtools.sampling import one_step
 from harness import GAMMA, ReferenceTacaAttention, rel_diff, taca, with_override
 from layouts import observe_joint_layout
@@ -36,21 +36,8 @@ def run_report(patcher):
     return wrapper.report
 
 
-class SdpaCounter(TorchFunctionMode):
-    """Counts calls of torch.nn.functional.scaled_dot_product_attention while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def counting_sdpa(fn, *args, **kwargs):
-    with SdpaCounter() as counter:
+    with TorchCallCounter([F.scaled_dot_product_attention]) as counter:
         out = fn(*args, **kwargs)
     return out, counter.calls
 
