@@ -1,4 +1,5 @@
-"""Test session setup: the real ComfyUI runtime (ComfyUI 0.3.75 from scripts/setup_runtime.sh) on CPU.
+"""Test session setup: the real ComfyUI runtime on CPU (the version TACA_COMFYUI_VERSION names; see
+scripts/setup_runtime.sh).
 
 No ComfyUI module is stubbed: the tests import ComfyUI's own packages from the
 runtime folder and load this pack through ComfyUI's own custom-node loader.
