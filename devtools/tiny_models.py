@@ -350,6 +350,11 @@ def checkpoint(kind: str, size: str = "tiny") -> TinyCheckpoint:
     return {**UNSUPPORTED, **CROSS_ATTENTION_KINDS}[kind]
 
 
+def available(kind: str) -> bool:
+    """Whether this ComfyUI has the model class of ``kind`` (many classes are newer than the oldest ComfyUI tested)."""
+    return hasattr(comfy.supported_models, checkpoint(kind).expected)
+
+
 def checkpoint_state_dict(ckpt: TinyCheckpoint, prefix: str = "") -> Dict[str, torch.Tensor]:
     """The synthetic state dict detection reads (zeros: detection reads shapes and key names)."""
     return {prefix + key: torch.zeros(shape) for key, shape in {**ckpt.keys, **ckpt.wide}.items()}
