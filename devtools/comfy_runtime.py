@@ -64,8 +64,9 @@ def load_pack():
     import nodes as comfy_nodes
 
     if "TACAPatchModel" not in comfy_nodes.NODE_CLASS_MAPPINGS:
+        # The runtime's link to the pack, when it points at this checkout (another checkout loads itself).
         pack_dir = os.path.join(COMFYUI, "custom_nodes", PACK_NAME)
-        if not os.path.isdir(pack_dir):
+        if not os.path.isdir(pack_dir) or os.path.realpath(pack_dir) != os.path.realpath(REPO):
             pack_dir = REPO
         if not asyncio.run(comfy_nodes.load_custom_node(pack_dir, module_parent="custom_nodes")):
             raise RuntimeError("ComfyUI failed to load the pack")
