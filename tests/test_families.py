@@ -178,12 +178,12 @@ def test_exact_forward_matches_reference(pack_nodes, name):
     check_forward(pack_nodes, name)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd35_medium"])
+@pytest.mark.parametrize("name", AVAILABLE)
 def test_selective_forward_matches_listing2(pack_nodes, name):
     check_forward(pack_nodes, name, mode="selective", listing2=True)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd35_medium"])
+@pytest.mark.parametrize("name", AVAILABLE)
 def test_flex_forward_matches_reference(pack_nodes, name):
     check_forward(pack_nodes, name, mode="flex", case=CASES[name]._replace(batch=1, latent_batch=1))
 
