@@ -4,7 +4,9 @@
 // one bar per denoising step, height gamma on the steps whose sigma is >= threshold_sigma and 1 on
 // the others, for the node's current widget values. The step sigmas are those of a nominal 30-step
 // schedule (ComfyUI's `simple` scheduler on an SD3 flow model, shift 3.0) until the server reports
-// a run of this node; then they are the sigmas of that run.
+// a run of this node; then they are the sigmas of that run, and a step is a TACA step when its
+// position on the threshold's scale (the sigma on flow models, t/1000 on discrete-time models such as
+// CogVideoX; the report's sample_positions) is >= threshold_sigma.
 //
 // After every sampling run the server sends the websocket event "comfyui-taca.report" for each TACA
 // Patch Model node (taca/report.py). The node shows what TACA did in that run, and the run's warning
@@ -99,17 +101,21 @@ function widgetValue(node, name) {
 function computePlot(gamma, threshold, report) {
   const fromRun = !!(report && Array.isArray(report.sample_sigmas) && report.sample_sigmas.length >= 2);
   const sigmas = fromRun ? report.sample_sigmas.map(Number) : nominalSigmas();
+  // What the threshold is compared with: the sigma on flow models, t/1000 on discrete-time ones (the run says).
+  const positions = fromRun && Array.isArray(report.sample_positions) && report.sample_positions.length === sigmas.length
+    ? report.sample_positions.map(Number) : sigmas;
+  const scale = fromRun && report.time_scale ? String(report.time_scale) : "sigma";
   const steps = sigmas.length - 1;
   const active = [];
   // gamma 1 is the unpatched model: TACA acts on no step
-  for (let i = 0; i < steps; i++) active.push(gamma !== 1 && sigmas[i] >= threshold);
+  for (let i = 0; i < steps; i++) active.push(gamma !== 1 && positions[i] >= threshold);
   const heights = active.map((a) => (a ? gamma : 1));
   const activeSteps = active.flatMap((a, i) => (a ? [i] : []));
   const source = fromRun ? "last run" : "nominal";
   const sourceText = fromRun ? "from last run" : `nominal ${NOMINAL_STEPS}-step schedule`;
   let label;
   if (gamma === 1) label = `gamma 1: TACA off (${sourceText})`;
-  else if (activeSteps.length === 0) label = `gamma ${fmt(gamma)} on no step of ${steps}: no sigma >= ${fmt(threshold)} (${sourceText})`;
+  else if (activeSteps.length === 0) label = `gamma ${fmt(gamma)} on no step of ${steps}: no ${scale} >= ${fmt(threshold)} (${sourceText})`;
   else label = `gamma ${fmt(gamma)} on steps ${formatSteps(activeSteps)} of ${steps} (${sourceText})`;
   return { sigmas, active, heights, activeSteps, steps, gamma, threshold, source, label, bars: [] };
 }

@@ -34,7 +34,7 @@ class TACALoraLoader(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="How strongly the LoRA is applied; 1.0 is what it was trained for."),
                 io.Combo.Input("active_during", options=list(taca_lora.ACTIVE_DURING), default="taca_steps",
-                               tooltip="taca_steps: only on the model calls where TACA acts (same sigma threshold as the "
+                               tooltip="taca_steps: only on the model calls where TACA acts (the same threshold as the "
                                        "TACA Patch Model on this model; "
                                        f"{taca_settings.DEFAULT_THRESHOLD_SIGMA} if there is none), as the authors use it. "
                                        "all_steps: an ordinary always-on LoRA."),

@@ -32,7 +32,7 @@ class TACAPatchModel(io.ComfyNode):
             category="model_patches/taca",
             description=DESCRIPTION,
             inputs=[
-                io.Model.Input("model", tooltip="An MM-DiT model: FLUX.1, Flux.2, Chroma, SD3/3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1, Qwen-Image, HiDream, Lumina 2/Z-Image or OmniGen2."),
+                io.Model.Input("model", tooltip=f"A joint-attention (MM-DiT) model: {families.supported_names()}."),
                 io.Float.Input(
                     "gamma", default=taca_settings.DEFAULT_GAMMA, min=taca_settings.GAMMA_MIN,
                     max=taca_settings.GAMMA_MAX, step=0.01,
@@ -43,9 +43,11 @@ class TACAPatchModel(io.ComfyNode):
                 io.Float.Input(
                     "threshold_sigma", default=taca_settings.DEFAULT_THRESHOLD_SIGMA,
                     min=taca_settings.THRESHOLD_SIGMA_MIN, max=taca_settings.THRESHOLD_SIGMA_MAX, step=0.001,
-                    tooltip="TACA acts while the current sigma is >= this value (paper eq. 11: t_thresh = 1000 x sigma; "
-                            f"default {taca_settings.DEFAULT_THRESHOLD_SIGMA} = the first 3 of 30 steps on FLUX and "
-                            "SD3.5). 0 = every step.",
+                    tooltip="TACA acts while t/1000 >= this value (paper eq. 11, t_thresh = 1000 x this). On flow "
+                            "models (FLUX, SD3, Qwen-Image, ...) t/1000 is the sigma; on discrete-time models "
+                            "(CogVideoX) it is the model's timestep of the sigma over its 1000 training steps. "
+                            f"Default {taca_settings.DEFAULT_THRESHOLD_SIGMA} = the first 3 of 30 steps on FLUX and "
+                            "SD3.5. 0 = every step.",
                 ),
                 io.Combo.Input(
                     "mode", options=list(taca_settings.MODES), default=taca_settings.DEFAULT_MODE,

@@ -152,12 +152,12 @@ class LoraGateWrapper:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  **kwargs):
         options = dict(transformer_options or {})
-        sigma = patch.current_sigma(t, options)
+        _, position = patch.current_sigma(t, options, executor.class_obj.model_sampling)
         settings = taca_settings.stored(options)
         if settings is None:
             self._tell_no_taca()
             settings = NO_TACA
-        self.gate.active = settings.active_at(sigma)
+        self.gate.active = settings.active_at(position)
         try:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         finally:

@@ -71,17 +71,38 @@ def passthrough_attention(func: Callable, *args: Any, **kwargs: Any) -> torch.Te
     return func(*args, **kwargs)
 
 
-def current_sigma(t: Any, options: Dict[str, Any]) -> float:
-    """The model call's sigma as a float: one host-device synchronisation per call, cached in ``options``.
+def schedule_position(model_sampling: Any, sigma: float) -> float:
+    """Where ``sigma`` sits on the paper's time scale t / 1000, the scale ``threshold_sigma`` is compared on.
 
-    ``options`` is the per-call copy of transformer_options the caller passes on.
+    Flow models (sigma in [0, 1], t = 1000 x sigma): sigma itself.  Discrete-time models (a DDPM schedule
+    of ``num_timesteps`` training steps: CogVideoX, a v-prediction DDPM whose sigmas run from about 4519
+    down to 0.36): t / num_timesteps, t being the timestep ComfyUI's own ``model_sampling`` maps the sigma
+    to, so 0.97 means t >= 970, the first steps only, as in the paper.
+    """
+    import comfy.model_sampling as sampling
+
+    discrete = isinstance(model_sampling, sampling.ModelSamplingDiscrete) and not isinstance(
+        model_sampling, sampling.ModelSamplingDiscreteEDM)  # EDM "timesteps" are log-sigmas, not steps
+    if not discrete:
+        return sigma
+    timestep = model_sampling.timestep(torch.tensor([sigma], dtype=torch.float32))
+    return float(timestep.item()) / int(model_sampling.num_timesteps)
+
+
+def current_sigma(t: Any, options: Dict[str, Any], model_sampling: Any = None) -> Tuple[float, float]:
+    """The model call's (sigma, schedule position) as floats, cached in ``options``.
+
+    Reading the sigma is the one host-device synchronisation per call (a second, tiny one on
+    discrete-time models); ``options`` is the per-call copy of transformer_options the caller passes on,
+    so the TACA wrapper and the TACA LoRA gate share it.  ``model_sampling`` None: the position is sigma.
     """
     cached = options.get(SIGMA_CACHE_KEY)
     if cached is not None and cached[0] is t:
-        return cached[1]
+        return cached[1], cached[2]
     sigma = float(t.max()) if torch.is_tensor(t) else float(t)
-    options[SIGMA_CACHE_KEY] = (t, sigma)
-    return sigma
+    position = sigma if model_sampling is None else schedule_position(model_sampling, sigma)
+    options[SIGMA_CACHE_KEY] = (t, sigma, position)
+    return sigma, position
 
 
 def compile_errors() -> Tuple[type, ...]:
@@ -310,15 +331,16 @@ class TacaApplyModelWrapper:
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         options = dict(transformer_options or {})
-        sigma = current_sigma(t, options)  # t is the batch's sigma
-        if not self.settings.active_at(sigma):
+        base_model = executor.class_obj
+        sigma, position = current_sigma(t, options, base_model.model_sampling)  # t is the batch's sigma
+        if not self.settings.active_at(position):
             if self.report is not None:
                 self.report.record(sigma, acted=False)
             # The key is there on TACA calls, so it is here too (see the module docstring).
             options.setdefault(OVERRIDE_KEY, passthrough_attention)
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
-        diffusion_model = executor.class_obj.diffusion_model
+        diffusion_model = base_model.diffusion_model
         spans = self.family.layouts(diffusion_model, x, c_crossattn, kwargs)
         override = TacaAttentionOverride(self.settings, spans, options.get(OVERRIDE_KEY))
         options[OVERRIDE_KEY] = override
@@ -345,7 +367,7 @@ def install(model_patcher: Any, settings: TacaSettings, family: ModelFamily, nod
     model_patcher.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     report = RunReport(node_id, settings)
     taca_settings.store(model_patcher.model_options.setdefault("transformer_options", {}), settings)
-    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, ReportSampleWrapper(report))
+    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, ReportSampleWrapper(report, schedule_position))
     if settings.enabled:
         model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                            TacaApplyModelWrapper(settings, family, report))

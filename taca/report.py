@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .settings import TacaSettings
 
@@ -35,10 +35,13 @@ class RunReport:
         self.settings = settings
         self.reset([])
 
-    def reset(self, sample_sigmas: Any) -> None:
+    def reset(self, sample_sigmas: Any, position_of: Optional[Callable[[float], float]] = None) -> None:
+        """A new run over ``sample_sigmas``; ``position_of`` maps a sigma to the threshold's scale (t / 1000)."""
         # Kept as given (a tensor, maybe on the GPU) and read only when the run is over: no sync while sampling.
         self._schedule = sample_sigmas
         self._sample_sigmas: Optional[List[float]] = None
+        self._position_of = position_of
+        self._sample_positions: Optional[List[float]] = None
         self.model_calls = 0
         self.acted_calls = 0
         self.attention_calls = 0
@@ -51,6 +54,18 @@ class RunReport:
             schedule = self._schedule
             self._sample_sigmas = [float(s) for s in (schedule.tolist() if hasattr(schedule, "tolist") else schedule)]
         return self._sample_sigmas
+
+    @property
+    def sample_positions(self) -> List[float]:
+        """The run's sigmas on the threshold's scale: equal to them on flow models, t / 1000 on discrete-time ones."""
+        if self._sample_positions is None:
+            position_of = self._position_of or (lambda sigma: sigma)
+            self._sample_positions = [position_of(s) for s in self.sample_sigmas]
+        return self._sample_positions
+
+    @property
+    def discrete_time(self) -> bool:
+        return self.sample_positions != self.sample_sigmas
 
     def step_of(self, sigma: float) -> Optional[int]:
         for i, s in enumerate(self.sample_sigmas[:-1]):
@@ -81,6 +96,8 @@ class RunReport:
         if self.acted_calls == 0:
             first = self.sample_sigmas[0] if self.sample_sigmas else None
             start = f"the run started at sigma {first:.3f}, " if first is not None else ""
+            if first is not None and self.discrete_time:
+                start = f"the run started at t/1000 = {self.sample_positions[0]:.3f} (sigma {first:.3f}), "
             return (f"TACA never acted: {start}below threshold_sigma {self.settings.threshold_sigma:g} (img2img or denoise < 1 "
                     "starts below it). Lower threshold_sigma if you want TACA in this run.")
         return ("TACA never acted: no attention call of this model had the joint text+image layout TACA expects, "
@@ -95,6 +112,10 @@ class RunReport:
             "mode": self.settings.mode,
             "steps_total": steps,
             "sample_sigmas": self.sample_sigmas,
+            # what threshold_sigma is compared with, per sample sigma: the sigma itself, or t / 1000 on
+            # discrete-time models (the frontend's schedule plot uses these)
+            "sample_positions": self.sample_positions,
+            "time_scale": "t/1000" if self.discrete_time else "sigma",
             "acted_steps": self.acted_steps,
             "acted_sigmas": self.acted_sigmas,
             "model_calls": self.model_calls,
@@ -109,7 +130,7 @@ class RunReport:
         if m["warning"]:
             return m["warning"]
         steps = ", ".join(str(s) for s in m["acted_steps"]) or "none"
-        return (f"TACA acted on steps {steps} of {m['steps_total']} (sigma >= {m['threshold_sigma']:g}, gamma "
+        return (f"TACA acted on steps {steps} of {m['steps_total']} ({m['time_scale']} >= {m['threshold_sigma']:g}, gamma "
                 f"{m['gamma']:g}, {m['mode']}): {m['attention_calls']} joint attention calls in "
                 f"{m['model_calls_acted']} of {m['model_calls']} model calls.")
 
@@ -131,11 +152,17 @@ class RunReport:
 class ReportSampleWrapper:
     """OUTER_SAMPLE wrapper: one report per sampling run."""
 
-    def __init__(self, report: RunReport):
+    def __init__(self, report: RunReport, schedule_position: Optional[Callable[[Any, float], float]] = None):
         self.report = report
+        self.schedule_position = schedule_position  # (model_sampling, sigma) -> t / 1000
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        self.report.reset(sigmas)
+        position_of = None
+        model_patcher = getattr(executor.class_obj, "model_patcher", None)  # the guider's model
+        if self.schedule_position is not None and model_patcher is not None:
+            model_sampling = model_patcher.get_model_object("model_sampling")
+            position_of = lambda sigma: self.schedule_position(model_sampling, sigma)  # noqa: E731
+        self.report.reset(sigmas, position_of)
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         self.report.publish()
         return out

@@ -61,9 +61,13 @@ class TacaSettings(NamedTuple):
     def enabled(self) -> bool:
         return self.gamma != GAMMA_OFF
 
-    def active_at(self, sigma: float) -> bool:
-        """Paper eq. 11: gamma_0 while t >= t_thresh (sigma >= threshold), else 1."""
-        return self.enabled and sigma >= self.threshold_sigma
+    def active_at(self, position: float) -> bool:
+        """Paper eq. 11: gamma_0 while t >= t_thresh, else 1.
+
+        ``position`` is t / 1000: the sigma on flow models, the model's timestep over its training steps on
+        discrete-time ones (``taca.patch.schedule_position``); the threshold is on the same scale.
+        """
+        return self.enabled and position >= self.threshold_sigma
 
 
 def store(transformer_options: Dict[str, Any], settings: TacaSettings) -> None:
