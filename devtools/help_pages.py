@@ -1,24 +1,27 @@
-"""The generated parts of the nodes' help pages (js/docs/*.md): the supported families and ComfyUI versions.
+"""The generated parts of the README and the nodes' help pages (js/docs/*.md): the support matrix and versions.
 
     .runtime/comfyui-0.33.0/venv/bin/python -m devtools.help_pages     # rewrite the generated parts in place
 
 Each generated part sits between ``<!-- generated: NAME ... -->`` and ``<!-- /generated: NAME -->``; the rest
 of each page is written by hand and left as it is. The family table comes from ``taca.families.FAMILIES``, the
-versions from ``scripts/setup_runtime.sh --list`` (the runtimes every test runs on), so neither can go stale
+versions from ``scripts/setup_runtime.sh --list`` (the runtimes every test runs on), and which of those versions
+has a family from the class names in each runtime's ``comfy/model_base.py``, so none of it can go stale
 (tests/test_help_pages.py checks the committed pages equal what this writes).
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import re
 import subprocess
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, FrozenSet, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS_DIR = os.path.join(REPO, "js", "docs")
-PAGES = ("TACAPatchModel.md", "TACALoraLoader.md")
+# pages with generated parts, relative to the repository
+PAGES = ("README.md", "js/docs/TACAPatchModel.md", "js/docs/TACALoraLoader.md")
 BLOCK = re.compile(r"(<!-- generated: (\w+) [^>]*-->\n)(.*?)(<!-- /generated: \2 -->)", re.S)
 
 
@@ -26,6 +29,24 @@ def tested_versions() -> List[str]:
     """The ComfyUI versions the tests run on, oldest first."""
     return subprocess.run(["bash", os.path.join(REPO, "scripts", "setup_runtime.sh"), "--list"],
                           capture_output=True, text=True, check=True).stdout.split()
+
+
+@functools.lru_cache(maxsize=None)
+def model_classes(version: str) -> FrozenSet[str]:
+    """The class names ``comfy/model_base.py`` of that ComfyUI runtime defines (read, not imported)."""
+    path = os.path.join(REPO, ".runtime", f"comfyui-{version}", "ComfyUI", "comfy", "model_base.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the support matrix lists the versions that have each model "
+                                f"class; build that runtime with `bash scripts/setup_runtime.sh {version}`")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return frozenset(node.name for node in tree.body if isinstance(node, ast.ClassDef))
+
+
+def family_versions(family) -> str:
+    """The tested ComfyUI versions that have at least one of the family's model classes."""
+    have = [v for v in tested_versions() if model_classes(v) & set(family.model_classes)]
+    return ", ".join(have) or "none tested"
 
 
 def _version_dependent_orders() -> Dict[Callable, str]:
@@ -51,10 +72,12 @@ def token_order(family) -> str:
 def families_block() -> str:
     from taca.families import FAMILIES
 
-    rows = ["| family | ComfyUI model class(es) | token order | what counts as text |", "|---|---|---|---|"]
+    rows = ["| family | ComfyUI model class(es) | ComfyUI versions | token order | what counts as text | left untouched |",
+            "|---|---|---|---|---|---|"]
     for family in FAMILIES:
         classes = ", ".join(f"`{c}`" for c in family.model_classes)
-        rows.append(f"| {family.name} | {classes} | {token_order(family)} | {family.text_side} |")
+        rows.append(f"| {family.name} | {classes} | {family_versions(family)} | {token_order(family)} | "
+                    f"{family.text_side} | {family.untouched} |")
     return "\n".join(rows) + "\n"
 
 
@@ -77,14 +100,14 @@ def render(text: str) -> str:
 
 def main() -> int:
     for name in PAGES:
-        path = os.path.join(DOCS_DIR, name)
+        path = os.path.join(REPO, name)
         with open(path) as f:
             text = f.read()
         new = render(text)
         if new != text:
             with open(path, "w") as f:
                 f.write(new)
-            print("wrote", os.path.relpath(path, REPO))
+            print("wrote", name)
     return 0
 
 

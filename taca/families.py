@@ -40,6 +40,7 @@ class ModelFamily(NamedTuple):
     # Families whose blocks concatenate different token sets give all their layouts here; by default the one
     # layout text + visual, in the family's order.
     layouts_fn: Optional[LayoutsFn] = None
+    untouched: str = "-"  # attention that is not the joint text+visual attention, for the README support matrix
 
     def span(self, text_tokens: int, visual_tokens: int) -> TextSpan:
         length = text_tokens + visual_tokens
@@ -233,6 +234,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_context_tokens,
         count_visual=_image_tokens,  # Radiance: pixel patches of the model's patch size (16); its NeRF head has no attention
         text_side="T5 tokens",
+        untouched="Radiance's NeRF head (no attention)",
     ),
     ModelFamily(
         name="SD3 / SD3.5 (Large, Medium)",
@@ -241,6 +243,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_mmdit_text_tokens,
         count_visual=_image_tokens,
         text_side="CLIP-L/G + T5 tokens (about 154) plus register tokens",
+        untouched="SD3.5 Medium's image-only attention",
     ),
     ModelFamily(
         name="AuraFlow",
@@ -259,6 +262,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         text_side="the LLaVA-Llama tokens after the token refiner (I2V: including the image tokens the text "
                   "encoder put into them)",
         layouts_fn=_hunyuan_layouts,
+        untouched="the token refiner",
     ),
     ModelFamily(
         name="HunyuanVideo 1.5",
@@ -268,6 +272,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_hunyuan_visual_tokens,
         text_side="vision-encoder tokens (I2V), byT5 tokens and the Qwen2.5-VL tokens after the token refiner",
         layouts_fn=_hunyuan_layouts,
+        untouched="the token refiner",
     ),
     ModelFamily(
         name="HunyuanImage 2.1",
@@ -277,6 +282,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_hunyuan_visual_tokens,
         text_side="Qwen2.5-VL tokens after the token refiner plus the byT5 glyph tokens",
         layouts_fn=_hunyuan_layouts,
+        untouched="the token refiner",
     ),
     ModelFamily(
         name="Qwen-Image (and Qwen-Image-Edit)",
@@ -302,6 +308,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_lumina_text_tokens,
         count_visual=_lumina_visual_tokens,
         text_side="the caption tokens, padding included as the model keeps it",
+        untouched="the context and noise refiners",
     ),
     ModelFamily(
         name="OmniGen2",
@@ -310,6 +317,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_context_tokens,
         count_visual=_with_ref_latents_visual_tokens,
         text_side="the Qwen2.5-VL tokens; reference images count as image tokens",
+        untouched="the context, noise and reference-image refiners",
     ),
 )
 
@@ -325,7 +333,21 @@ CROSS_ATTENTION_MODELS: Tuple[str, ...] = (
     # cross-attention DiTs
     "PixArt", "HunyuanDiT", "LTXV", "CosmosVideo", "CosmosPredict2", "StableAudio1", "ACEStep",
     "WAN21", "WAN22", "WAN21_Vace", "WAN21_Camera", "WAN21_HuMo", "WAN22_Animate", "WAN22_S2V",
+    # added in ComfyUI 0.33.0: Kandinsky 5 (video, image), Anima, LTX-2 audio+video, Stable Audio 3, ACE-Step 1.5
+    # and Wan 2.1 / 2.2 variants (causal AR, FlowRVS, SCAIL, WanDancer, Animate 2)
+    "Kandinsky5", "Kandinsky5Image", "Anima", "LTXAV", "StableAudio3", "ACEStep15", "WAN21_CausalAR",
+    "WAN21_FlowRVS", "WAN21_SCAIL", "WAN21_SCAIL2", "WAN22_WanDancer", "WAN_Animate2",
 )
+
+# model_base classes that are not text-to-image or text-to-video generators: what each one is instead.
+NOT_VISUAL_GENERATION_MODELS: Dict[str, str] = {
+    "DepthAnything3": "a depth-estimation model",
+    "RT_DETR_v4": "an object detector",
+    "SAM3": "a segmentation model",
+    "Trellis2": "an image-to-3D model",
+    "MiniMaxMusic3": "a music (audio) generator",
+    "TripoSplat": "an image-to-3D (Gaussian splat) model whose joint attention runs over image conditioning, not text",
+}
 
 
 def supported_names() -> str:
@@ -338,6 +360,13 @@ def family_for_model(base_model: Any) -> ModelFamily:
     for family in FAMILIES:
         if class_name in family.model_classes:
             return family
+    if class_name in NOT_VISUAL_GENERATION_MODELS:
+        raise UnsupportedModelError(
+            f"TACA does not apply to {class_name}: it is {NOT_VISUAL_GENERATION_MODELS[class_name]}, not a "
+            f"text-to-image or text-to-video model, so there are no text tokens drowned by image tokens to "
+            f"rebalance. Remove the TACA Patch Model node (or bypass it) for this model. TACA supports: "
+            f"{supported_names()}."
+        )
     if class_name in CROSS_ATTENTION_MODELS:
         raise UnsupportedModelError(
             f"TACA does not apply to {class_name}: its text enters through cross-attention, not a joint "

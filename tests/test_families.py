@@ -18,6 +18,7 @@ from typing import Dict, NamedTuple, Optional, Set, Tuple
 import pytest
 import torch
 
+import comfy.model_base
 import comfy.sample
 import comfy.samplers
 import comfy.supported_models
@@ -316,6 +317,52 @@ def test_cross_attention_models_are_told_why_taca_does_not_apply(pack_nodes, kin
     for word in (class_name, "cross-attention", "no text/visual token imbalance", "FLUX.1", "AuraFlow", "HiDream"):
         assert word in message, (word, message)
     assert repr(patcher.model_options) == before
+
+
+NEW_CROSS_ATTENTION = ["Kandinsky5", "Kandinsky5Image", "Anima", "LTXAV", "StableAudio3", "ACEStep15",
+                       "WAN21_CausalAR", "WAN21_FlowRVS", "WAN21_SCAIL", "WAN21_SCAIL2", "WAN22_WanDancer",
+                       "WAN_Animate2"]
+NOT_VISUAL_GENERATION = {"DepthAnything3": "depth", "RT_DETR_v4": "detector", "SAM3": "segmentation",
+                         "Trellis2": "3D", "MiniMaxMusic3": "music", "TripoSplat": "3D"}
+
+
+def _uninitialised(class_name: str):
+    """An instance of this ComfyUI's model_base class, never initialised: refusals read only the class."""
+    import comfy.model_base
+
+    return object.__new__(getattr(comfy.model_base, class_name))
+
+
+# with classes every tested ComfyUI has, so the list is never empty
+@pytest.mark.parametrize("class_name", [c for c in ["SDXL", "WAN21", "LTXV"] + NEW_CROSS_ATTENTION
+                                        if hasattr(comfy.model_base, c)])
+def test_cross_attention_classes_are_told_why(class_name):
+    from taca import families
+
+    with pytest.raises(ValueError) as err:
+        families.family_for_model(_uninitialised(class_name))
+    message = str(err.value)
+    for word in (class_name, "cross-attention", "no text/visual token imbalance", "FLUX.1"):
+        assert word in message, (word, message)
+
+
+def test_models_that_are_not_text_to_visual_generators_are_told_so():
+    """The classes ComfyUI 0.33.0 added that generate no image or video from text (none exist in 0.3.75)."""
+    from taca import families
+
+    present = [c for c in NOT_VISUAL_GENERATION if hasattr(comfy.model_base, c)]
+    assert len(present) in (0, len(NOT_VISUAL_GENERATION))
+    for class_name in present:
+        _refused_as_not_visual_generation(families, class_name)
+
+
+def _refused_as_not_visual_generation(families, class_name: str) -> None:
+    with pytest.raises(ValueError) as err:
+        families.family_for_model(_uninitialised(class_name))
+    message = str(err.value)
+    for word in (class_name, NOT_VISUAL_GENERATION[class_name], "not a text-to-image or text-to-video model",
+                 "bypass"):
+        assert word in message, (word, message)
 
 
 def test_every_model_base_class_is_placed():

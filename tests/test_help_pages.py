@@ -11,11 +11,11 @@ from taca.families import FAMILIES
 
 def test_committed_help_pages_equal_the_generator():
     for name in help_pages.PAGES:
-        with open(os.path.join(help_pages.DOCS_DIR, name)) as f:
+        with open(os.path.join(REPO, name)) as f:
             text = f.read()
         assert help_pages.BLOCK.search(text), f"{name} has no generated part"
         assert help_pages.render(text) == text, (
-            f"js/docs/{name} is stale: run `python -m devtools.help_pages` and commit the result")
+            f"{name} is stale: run `python -m devtools.help_pages` and commit the result")
 
 
 def test_patch_model_page_names_every_family_class_and_version():
@@ -34,3 +34,14 @@ def test_render_rewrites_only_between_the_markers():
     rendered = help_pages.render(page)
     assert rendered.startswith("hand-written\n<!-- generated: versions by x -->\nTested on ComfyUI ")
     assert rendered.endswith("<!-- /generated: versions -->\nalso kept\n") and "old line" not in rendered
+
+
+def test_the_matrix_lists_this_comfyui_for_exactly_the_families_it_has():
+    """The versions column, read from each runtime's model_base.py, against this ComfyUI's imported classes."""
+    import comfy.model_base
+    import comfyui_version
+
+    version = comfyui_version.__version__
+    for family in FAMILIES:
+        has = any(hasattr(comfy.model_base, c) for c in family.model_classes)
+        assert (version in help_pages.family_versions(family).split(", ")) == has, family.name
