@@ -216,6 +216,29 @@ def _omnigen2() -> TinyCheckpoint:
         "multiple_of": 16, "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64], "text_feat_dim": CONTEXT_DIM})
 
 
+def _lens(layers: int = 4, depth: int = 2) -> TinyCheckpoint:
+    # Microsoft Lens: 128-channel Flux.2 latents (already patchified by the VAE), inner width 64 x heads, the text
+    # encoder's hidden states of `layers` layers side by side in the context (each RMS-normed by txt_norm.<i>).
+    # Detection reads every size from the shapes (heads = img_in width // 64, the full-size head dim).
+    enc = CONTEXT_DIM // layers
+    keys = {"img_in.weight": (128, 128), "proj_out.weight": (4 * 32, 128), "txt_in.weight": (128, CONTEXT_DIM)}
+    keys.update(_blocks("txt_norm.{}.weight", layers, (enc,)))
+    keys.update(_blocks("transformer_blocks.{}.attn.norm_added_q.weight", depth, (64,)))
+    keys.update(_blocks("transformer_blocks.{}.img_mlp.w1.weight", depth, (int(128 / 3 * 8), 128)))
+    return TinyCheckpoint("Lens", keys)
+
+
+def _joyimage(depth: int = 2) -> TinyCheckpoint:
+    # JoyImage: Conv3d patch embedder (1, 2, 2) over Wan 2.1 latents; ComfyUI fixes the RoPE axes to 16+56+56, so the
+    # head dim is 128 (2 heads here), and assumes Qwen3-VL's 4096-wide text features.
+    keys = {"img_in.weight": (256, 16, 1, 2, 2), "condition_embedder.time_embedder.linear_1.weight": (256, 256),
+            "condition_embedder.text_embedder.linear_1.weight": (256, CONTEXT_DIM),
+            "proj_out.weight": (16 * 4, 256)}
+    keys.update(_blocks("double_blocks.{}.attn.img_attn_qkv.weight", depth, (3 * 256, 256)))
+    keys.update(_blocks("double_blocks.{}.attn.img_attn_q_norm.weight", depth, (128,)))
+    return TinyCheckpoint("JoyImage", keys, {"text_dim": CONTEXT_DIM, "mlp_width_ratio": 2.0})
+
+
 def _unet(expected: str, linear: bool, adm: Optional[int] = None) -> TinyCheckpoint:
     """A two-level UNet (channels 32/64, one res block each, attention on the second level, context 32)."""
     proj = (64, 64) if linear else (64, 64, 1, 1)
@@ -320,6 +343,8 @@ FAMILY_KINDS = {
     "lumina2": Kind(_lumina2(), (16, 16, 16), 38, {}),
     "z_image": Kind(_z_image(), (16, 14, 18), 37, {}),
     "omnigen2": Kind(_omnigen2(), (16, 16, 16), 35, {}),
+    "lens": Kind(_lens(), (128, 8, 8), 40, {}),
+    "joyimage": Kind(_joyimage(), (16, 1, 16, 16), 40, {}),
 }
 
 # Models TACA refuses, built for the error-path tests (never sampled).

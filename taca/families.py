@@ -210,6 +210,19 @@ def _lumina_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -
     return _round_up(_plane_tokens(diffusion_model, [x]), multiple)
 
 
+def _lens_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # Lens: every position of the Flux.2 latent is one token (the VAE latent is already patchified; the model's
+    # patch_size only shapes its output projection).
+    return int(x.shape[-2]) * int(x.shape[-1])
+
+
+def _joyimage_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # JoyImage: the (B, C, T, H, W) latent and every reference latent, each padded to the 3D patch and cut by the
+    # Conv3d patch embedder; the references follow the target image and are visual tokens too.
+    patch = diffusion_model.patch_size
+    return sum(_ceil_tokens(lat.shape[2:], patch) for lat in [x, *_latent_list(conds.get("ref_latents"))])
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -318,6 +331,23 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_with_ref_latents_visual_tokens,
         text_side="the Qwen2.5-VL tokens; reference images count as image tokens",
         untouched="the context, noise and reference-image refiners",
+    ),
+    ModelFamily(
+        name="Lens",
+        model_classes=("Lens",),
+        text_first=False,
+        count_text=_context_tokens,
+        count_visual=_lens_visual_tokens,
+        text_side="the GPT-OSS tokens (several layers' features side by side), masked padding included",
+    ),
+    ModelFamily(
+        name="JoyImage (and JoyImage-Edit)",
+        model_classes=("JoyImage",),
+        text_first=False,
+        count_text=_context_tokens,
+        count_visual=_joyimage_visual_tokens,
+        text_side="the Qwen3-VL tokens (Edit: including the vision tokens of the input images); reference latents "
+                  "count as image tokens",
     ),
 )
 

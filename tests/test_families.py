@@ -1,6 +1,6 @@
 """Every joint-attention family (FLUX.1, Flux.2, Chroma, SD3/SD3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1,
-Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2), patched through the node against the same model run with a
-float64 reference attention, and the cross-attention families TACA refuses.
+Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, Lens, JoyImage(-Edit)), patched through the node against the
+same model run with a float64 reference attention, and the cross-attention families TACA refuses.
 
 Each case builds a tiny random-weight model with ComfyUI's own classes and runs it through ComfyUI's sampler.
 Where the text sits in the joint attention (its order and span) is observed on the running ComfyUI
@@ -58,6 +58,10 @@ def _hunyuan_ref():
 
 def _kontext_ref():
     return torch.randn(1, 16, 12, 8, generator=torch.Generator().manual_seed(5))
+
+
+def _joyimage_ref():
+    return torch.randn(1, 16, 1, 12, 8, generator=torch.Generator().manual_seed(7))
 
 
 CASES = {
@@ -118,6 +122,18 @@ CASES = {
     # OmniGen2: [35 text | 24 reference + 64 image]; context (35), ref-image (24) and noise (64) refiners untouched.
     "omnigen2": Case("omnigen2", {"reference_latents": "omnigen_ref"}, 35, 123, {(35, 35), (24, 24), (64, 64)},
                      2, batch=1),
+    # Lens: [(8 x 8 = 64 latent positions, one token each: the Flux.2 latent is already patchified) | 40 GPT-OSS
+    # tokens (4 layers' features side by side)]; 2 dual-stream blocks, one joint call each, no other attention.
+    # The model always passes an additive (B, 1, 1, 104) mask, zero here.
+    "lens": Case("lens", {}, 40, 104, set(), 2),
+    # Lens with the text encoder's padding mask (last 6 of 30 tokens masked, as when prompts of different lengths
+    # share a batch): the masked tokens stay in the joint sequence (30 + 64) and count as text.
+    "lens_masked": Case("lens", {"text_tokens": 30, "attention_mask": "text_mask"}, 30, 94, set(), 2),
+    # JoyImage: [(1 x 16/2 x 16/2 = 64 image tokens, Conv3d patch 1x2x2) | 40 Qwen3-VL tokens]; 2 double blocks, one
+    # joint call each, no other attention.
+    "joyimage": Case("joyimage", {}, 40, 104, set(), 2),
+    # JoyImage-Edit: a (1, 12, 8) reference latent adds 1 x 6 x 4 = 24 visual tokens after the target's 64.
+    "joyimage_edit": Case("joyimage", {"reference_latents": "joyimage_ref"}, 40, 128, set(), 2),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -131,7 +147,8 @@ def _text_mask():
 
 
 _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()],
-           "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()]}
+           "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
+           "joyimage_ref": lambda: [_joyimage_ref()]}
 
 
 def setup(case: Case):
@@ -250,8 +267,9 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     assert sorted(other) == sorted(plain_other)  # the refiners' calls, whole and unchanged
 
 
-@pytest.mark.parametrize("name", ["auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image",
-                                  "omnigen2", "hunyuan_image21", "hunyuan_video15"])
+@pytest.mark.parametrize("name", [n for n in ["auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream",
+                                               "lumina2", "z_image", "omnigen2", "hunyuan_image21", "hunyuan_video15",
+                                               "lens", "joyimage"] if n in AVAILABLE])
 def test_below_threshold_bit_identical_and_gated_by_sigma(pack_nodes, name):
     case = CASES[name]
     tiny, positive, negative, latent = setup(case)
