@@ -209,6 +209,14 @@ def _lumina_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -
     return _round_up(_plane_tokens(diffusion_model, [x]), multiple)
 
 
+def _pixeldit_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # PixelDiT / PiD keep at most txt_max_length (300) caption tokens: the model cuts a longer context there.
+    # ComfyUI's Gemma-2 encoder hands exactly 300 (padding included; the model ignores the attention mask).
+    tokens = _context_tokens(diffusion_model, context, conds)
+    limit = getattr(diffusion_model, "txt_max_length", None)
+    return tokens if limit is None else min(tokens, int(limit))
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -310,6 +318,16 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_context_tokens,
         count_visual=_with_ref_latents_visual_tokens,
         text_side="the Qwen2.5-VL tokens; reference images count as image tokens",
+    ),
+    ModelFamily(
+        name="PixelDiT (T2I) and PiD",
+        # PiD is PixelDiT with a low-quality latent added onto the image tokens (no tokens of its own): same layout.
+        model_classes=("PixelDiTT2I", "PiD"),
+        text_first=True,
+        count_text=_pixeldit_text_tokens,
+        count_visual=_image_tokens,  # pixel patches of the model's patch size (16), before any pixel-level block
+        text_side="the Gemma-2 tokens (300 from ComfyUI's encoder, padding included, as the model keeps it; a "
+                  "longer context is cut to 300)",
     ),
 )
 
