@@ -298,6 +298,44 @@ def _hunyuan3d() -> TinyCheckpoint:
     }, {"num_heads": 2})
 
 
+_PIXELDIT_SIZES = {"hidden_size": 64, "num_groups": 2, "pixel_hidden_size": 4, "pixel_attn_hidden_size": 32,
+                   "pixel_num_groups": 2, "patch_depth": 2, "pixel_depth": 1, "patch_size": 4,
+                   "txt_embed_dim": CONTEXT_DIM, "txt_max_length": 48}
+
+
+def _pixeldit_keys(sizes: Dict[str, Any]) -> Dict[str, Shape]:
+    """PixelDiT's backbone keys under the checkpoint's "core." prefix (ComfyUI strips it and splits each pixel
+    block's adaLN_modulation.0 into its msa and mlp halves)."""
+    hidden, pixel, patch = sizes["hidden_size"], sizes["pixel_hidden_size"], sizes["patch_size"]
+    keys = {"core.pixel_embedder.proj.weight": (pixel, 3), "core.s_embedder.proj.weight": (hidden, 3 * patch ** 2),
+            "core.y_embedder.proj.weight": (hidden, sizes["txt_embed_dim"]),
+            "core.y_pos_embedding": (1, sizes["txt_max_length"], hidden),
+            "core.final_layer.linear.weight": (3, pixel)}
+    keys.update(_blocks("core.patch_blocks.{}.attn.qkv_y.weight", sizes["patch_depth"], (3 * hidden, hidden)))
+    keys.update(_blocks("core.pixel_blocks.{}.adaLN_modulation.0.weight", sizes["pixel_depth"],
+                        (6 * pixel * patch ** 2, hidden)))
+    return keys
+
+
+def _pixeldit() -> TinyCheckpoint:
+    # Detection reads only that the checkpoint is PixelDiT (core.pixel_embedder); every size is a full-size constant.
+    return TinyCheckpoint("PixelDiTT2I", _pixeldit_keys(_PIXELDIT_SIZES), _PIXELDIT_SIZES)
+
+
+def _pid() -> TinyCheckpoint:
+    # PiD v1.5 for 16-channel latents (Flux, Qwen-Image): the PixelDiT backbone plus the LQ projection (root-level
+    # lq_proj keys, its pit_head marks v1.5); detection reads the LQ width and input channels and counts the gates.
+    # One gate for the 2 tiny blocks (every 2nd block, as the real 7 for 14): detection derives the interval from the
+    # full-size 14 blocks, `sizes` gives the tiny one.
+    hidden, lq = _PIXELDIT_SIZES["hidden_size"], 16  # lq: the LQ projection's width (lq_hidden_dim)
+    keys = _pixeldit_keys(_PIXELDIT_SIZES)
+    keys.update({"lq_proj.latent_proj.0.weight": (lq, 16, 3, 3), "lq_proj.latent_proj.3.block.2.weight": (lq, lq, 3, 3),
+                 "lq_proj.output_heads.0.weight": (hidden, lq), "lq_proj.pit_head.weight": (hidden, lq),
+                 "lq_proj.gate_modules.0.content_proj.weight": (hidden, 2 * hidden),
+                 "lq_proj.gate_modules.0.log_alpha": (), "pit_lq_gate.content_proj.weight": (hidden, 2 * hidden)})
+    return TinyCheckpoint("PiD", keys, dict(_PIXELDIT_SIZES, lq_num_res_blocks=1, lq_interval=2))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The kinds.
 
@@ -345,6 +383,10 @@ FAMILY_KINDS = {
     "omnigen2": Kind(_omnigen2(), (16, 16, 16), 35, {}),
     "lens": Kind(_lens(), (128, 8, 8), 40, {}),
     "joyimage": Kind(_joyimage(), (16, 1, 16, 16), 40, {}),
+    # pixel space: 3 channels, patch 4 here (16 in the real model)
+    "pixeldit": Kind(_pixeldit(), (3, 32, 32), 40, {}),
+    # PiD decodes a 4x4 latent (attached by family_conditioning's lq_latent) to a 32x32 image
+    "pid": Kind(_pid(), (3, 32, 32), 40, {}),
 }
 
 # Models TACA refuses, built for the error-path tests (never sampled).
@@ -515,11 +557,14 @@ class _VisionOutput(NamedTuple):  # what CLIPVisionEncode hands HunyuanVideo 1.5
 
 
 def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens: Optional[int] = None,
-                        llama_tokens: int = 0, byt5_tokens: int = 0, vision_tokens: int = 0, **extra_cond):
+                        llama_tokens: int = 0, byt5_tokens: int = 0, vision_tokens: int = 0,
+                        lq_latent: Optional[Shape] = None, degrade_sigma: float = 0.0, **extra_cond):
     """Random conditioning with the extra inputs each family's extra_conds reads.
 
     llama_tokens: HiDream's ``conditioning_llama3`` (B, layers, L, 24); byt5_tokens: ``conditioning_byt5small``
-    (HunyuanImage 2.1 / HunyuanVideo 1.5); vision_tokens: ``clip_vision_output`` (HunyuanVideo 1.5).
+    (HunyuanImage 2.1 / HunyuanVideo 1.5); vision_tokens: ``clip_vision_output`` (HunyuanVideo 1.5);
+    lq_latent: the (C, H, W) shape of the latent PiD decodes, attached with ``degrade_sigma`` as PiDConditioning
+    attaches them (one latent, the same in every conditioning, whatever the seed).
     """
     cond = conditioning(tiny, seed, text_tokens=text_tokens, batch=batch)
     g = torch.Generator().manual_seed(seed + 1000)
@@ -531,6 +576,9 @@ def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens:
         options["conditioning_byt5small"] = torch.randn(batch, byt5_tokens, BYT5_DIM, generator=g)
     if vision_tokens:
         options["clip_vision_output"] = _VisionOutput(torch.randn(batch, vision_tokens, VISION_DIM, generator=g))
+    if lq_latent is not None:
+        options["lq_latent"] = torch.randn((1,) + tuple(lq_latent), generator=torch.Generator().manual_seed(11))
+        options["degrade_sigma"] = torch.tensor([float(degrade_sigma)])
     if tiny.kind == "omnigen2" and "attention_mask" not in extra_cond:
         # OmniGen2's extra_conds takes num_tokens from the text encoder's attention mask
         options["attention_mask"] = torch.ones(batch, cond[0][0].shape[1], dtype=torch.long)

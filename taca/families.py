@@ -221,6 +221,12 @@ def _joyimage_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any])
     # Conv3d patch embedder; the references follow the target image and are visual tokens too.
     patch = diffusion_model.patch_size
     return sum(_ceil_tokens(lat.shape[2:], patch) for lat in [x, *_latent_list(conds.get("ref_latents"))])
+def _pixeldit_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # PixelDiT / PiD keep at most txt_max_length (300) caption tokens: the model cuts a longer context there.
+    # ComfyUI's Gemma-2 encoder hands exactly 300 (padding included; the model ignores the attention mask).
+    tokens = _context_tokens(diffusion_model, context, conds)
+    limit = getattr(diffusion_model, "txt_max_length", None)
+    return tokens if limit is None else min(tokens, int(limit))
 
 
 FAMILIES: Tuple[ModelFamily, ...] = (
@@ -348,6 +354,16 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_joyimage_visual_tokens,
         text_side="the Qwen3-VL tokens (Edit: including the vision tokens of the input images); reference latents "
                   "count as image tokens",
+    ),
+    ModelFamily(
+        name="PixelDiT (T2I) and PiD",
+        # PiD is PixelDiT with a low-quality latent added onto the image tokens (no tokens of its own): same layout.
+        model_classes=("PixelDiTT2I", "PiD"),
+        text_first=True,
+        count_text=_pixeldit_text_tokens,
+        count_visual=_image_tokens,  # pixel patches of the model's patch size (16), before any pixel-level block
+        text_side="the Gemma-2 tokens (300 from ComfyUI's encoder, padding included, as the model keeps it; a "
+                  "longer context is cut to 300)",
     ),
 )
 

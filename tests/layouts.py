@@ -2,10 +2,10 @@
 
 The model runs three times on the ComfyUI in use: as given, with every text-side input replaced by other random
 values (the context, and the extra token inputs some families take: Llama layers, byT5 glyph tokens, vision
-tokens), and with every visual input replaced (the noise, reference latents).  Before the first joint attention,
-text and image tokens have not met, so in that call's keys the rows that moved with the text are text tokens
-and the rows that moved with the image are visual tokens.  Rows that moved with neither are learned tokens
-(registers, padding); they belong to the run of tokens before them (padding follows what it pads), or, at the
+tokens), and with every visual input replaced (the noise, reference latents, the latent PiD decodes).  Before the
+first joint attention, text and image tokens have not met, so in that call's keys the rows that moved with the text
+are text tokens and the rows that moved with the image are visual tokens.  Rows that moved with neither are learned
+tokens (registers, padding); they belong to the run of tokens before them (padding follows what it pads), or, at the
 start of the sequence, to the run after them (registers are prepended).
 
 This knows nothing of taca/families.py, so the spans it returns are an independent reference for it.
@@ -22,7 +22,7 @@ from harness import installed_override, with_override
 
 # conditioning keys whose tensors are token sequences on the text side of the families we build
 TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small")
-VISUAL_KEYS = ("reference_latents", "ref_latent")
+VISUAL_KEYS = ("reference_latents", "ref_latent", "lq_latent")
 
 
 class KeyRecorder:

@@ -134,6 +134,13 @@ CASES = {
     "joyimage": Case("joyimage", {}, 40, 104, set(), 2),
     # JoyImage-Edit: a (1, 12, 8) reference latent adds 1 x 6 x 4 = 24 visual tokens after the target's 64.
     "joyimage_edit": Case("joyimage", {"reference_latents": "joyimage_ref"}, 40, 128, set(), 2),
+    # PixelDiT: [40 Gemma-2 tokens | (32/4)^2 = 64 pixel patches], one joint attention per patch block (2); the pixel
+    # block's attention runs over the 64 compressed patch tokens alone.
+    "pixeldit": Case("pixeldit", {}, 40, 104, {(64, 64)}, 2),
+    # A context longer than the model's txt_max_length (48 here, 300 in the real model) is cut there: 48 text tokens.
+    "pixeldit_long_text": Case("pixeldit", {"text_tokens": 60}, 48, 112, {(64, 64)}, 2),
+    # PiD: the same layout; its 4x4 latent is projected onto the 64 patch tokens (gated, added), no tokens of its own.
+    "pid": Case("pid", {"lq_latent": (16, 4, 4)}, 40, 104, {(64, 64)}, 2),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -267,9 +274,26 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     assert sorted(other) == sorted(plain_other)  # the refiners' calls, whole and unchanged
 
 
-@pytest.mark.parametrize("name", [n for n in ["auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream",
-                                               "lumina2", "z_image", "omnigen2", "hunyuan_image21", "hunyuan_video15",
-                                               "lens", "joyimage"] if n in AVAILABLE])
+# Flow models (sigma in [0, 1]) of several families; one name per line.
+SIGMA_GATED = [
+    "auraflow",
+    "chroma_radiance",
+    "hunyuan_video",
+    "qwen_image",
+    "hidream",
+    "lumina2",
+    "z_image",
+    "omnigen2",
+    "hunyuan_image21",
+    "hunyuan_video15",
+    "lens",
+    "joyimage",
+    "pixeldit",
+    "pid",
+]
+
+
+@pytest.mark.parametrize("name", [name for name in SIGMA_GATED if name in AVAILABLE])
 def test_below_threshold_bit_identical_and_gated_by_sigma(pack_nodes, name):
     case = CASES[name]
     tiny, positive, negative, latent = setup(case)

@@ -21,7 +21,12 @@ EXPECTED = {
     "hunyuan_video15": "HunyuanVideo15", "hunyuan_video15_sr": "HunyuanVideo15_SR_Distilled",
     "hunyuan_image21": "HunyuanImage21", "hunyuan_image21_refiner": "HunyuanImage21Refiner",
     "chroma_radiance": "ChromaRadiance", "qwen_image": "QwenImage", "hidream": "HiDream", "lumina2": "Lumina2",
-    "z_image": "ZImage", "omnigen2": "Omnigen2", "lens": "Lens", "joyimage": "JoyImage",
+    "z_image": "ZImage", "omnigen2": "Omnigen2",
+    # classes newer than ComfyUI 0.3.75, one per line
+    "lens": "Lens",
+    "joyimage": "JoyImage",
+    "pixeldit": "PixelDiTT2I",
+    "pid": "PiD",
     # refused ones
     "sd15": "SD15", "hunyuan3d": "Hunyuan3Dv2", "sdxl": "SDXL", "wan21": "WAN21_T2V", "wan21_vace": "WAN21_Vace",
     "wan22": "WAN22_T2V", "pixart": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "cosmos_predict2": "CosmosT2IPredict2",
@@ -96,7 +101,7 @@ def test_seeded_weights_are_reproducible_and_differ_by_seed():
     assert not torch.equal(a["img_in.weight"], c["img_in.weight"])
 
 
-FAMILY_COND = {"hidream": {"llama_tokens": 7}}
+FAMILY_COND = {"hidream": {"llama_tokens": 7}, "pid": {"lq_latent": (16, 4, 4)}}
 
 
 @pytest.mark.parametrize("kind", [k for k in sorted(tm.KINDS) + sorted(tm.FAMILY_KINDS) if tm.available(k)])
