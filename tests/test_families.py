@@ -117,6 +117,20 @@ CASES = {
     # OmniGen2: [35 text | 24 reference + 64 image]; context (35), ref-image (24) and noise (64) refiners untouched.
     "omnigen2": Case("omnigen2", {"reference_latents": "omnigen_ref"}, 35, 123, {(35, 35), (24, 24), (64, 64)},
                      2, batch=1),
+    # MiniMax H3, one stream [24 text | 16 audio | 32 video]: the Qwen3-VL context after the token refiner (which runs
+    # once in extra_conds, outside the model call); 8 stereo audio latent frames = 2 x 8 rows; 2 latent frames of
+    # (8/2) x (8/2) video patches.  2 blocks, each one joint self-attention over the whole pack; nothing else attends.
+    # The model takes batch 1 only (cond and uncond run as separate model calls).
+    "minimax_h3": Case("minimax_h3", {}, 24, 72, set(), 2, batch=1, latent_batch=1),
+    # first-frame keyframe (fl2va): 1 condition frame on the target grid (16 rows) and 4 audio frames (2 x 4 rows)
+    # packed between the text and the target streams; condition rows are visual.
+    "minimax_h3_keyframe": Case("minimax_h3", {"minimax_keyframes": "minimax_keyframe"}, 24, 96, set(), 2,
+                                batch=1, latent_batch=1),
+    # references (ref2va): an image of (6/2) x (8/2) = 12 rows and a video+audio block of 1 frame of (4/2) x (4/2) = 4
+    # rows plus 2 x 3 audio rows, packed between the text and the target streams: 72 + 22.
+    "minimax_h3_refs": Case("minimax_h3", {"minimax_refs": "minimax_refs"}, 24, 94, set(), 2, batch=1, latent_batch=1),
+    # a video latent not a multiple of the patch: padded by the model to 2 x (8/2) x (10/2) = 40 video rows, + 16 audio.
+    "minimax_h3_odd_latent": Case("minimax_h3", {}, 24, 80, set(), 2, batch=1, latent_batch=1, latent=(24, 2, 7, 9)),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -129,8 +143,22 @@ def _text_mask():
     return mask
 
 
+def _minimax_keyframe():
+    g = torch.Generator().manual_seed(11)
+    return [{"resolved_frame_index": 0, "latent": torch.randn(1, 24, 1, 8, 8, generator=g),
+             "audio_latent": torch.randn(1, 32, 2, 4, generator=g)}]
+
+
+def _minimax_refs():
+    g = torch.Generator().manual_seed(13)
+    return [{"kind": "image", "latent_h": 6, "latent_w": 8, "latent": torch.randn(1, 24, 1, 6, 8, generator=g)},
+            {"kind": "video_audio", "latent_t": 1, "latent_h": 4, "latent_w": 4, "ref_audio_t": 3,
+             "latent": torch.randn(1, 24, 1, 4, 4, generator=g), "audio_latent": torch.randn(1, 32, 2, 3, generator=g)}]
+
+
 _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()],
-           "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()]}
+           "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
+           "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs}
 
 
 def setup(case: Case):
@@ -249,8 +277,9 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     assert sorted(other) == sorted(plain_other)  # the refiners' calls, whole and unchanged
 
 
-@pytest.mark.parametrize("name", ["auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image",
-                                  "omnigen2", "hunyuan_image21", "hunyuan_video15"])
+@pytest.mark.parametrize("name", [name for name in [
+    "auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image", "omnigen2",
+    "hunyuan_image21", "hunyuan_video15", "minimax_h3"] if name in AVAILABLE])
 def test_below_threshold_bit_identical_and_gated_by_sigma(pack_nodes, name):
     case = CASES[name]
     tiny, positive, negative, latent = setup(case)
