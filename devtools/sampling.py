@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import torch
 
+import comfy.nested_tensor
 import comfy.sample
 import comfy.samplers
+import comfy.utils
 
 from . import tiny_models as tm
 
 
+def _noise(latent, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if getattr(latent, "is_nested", False):  # one noise tensor per stream, as comfy.sample.prepare_noise makes
+        return comfy.nested_tensor.NestedTensor([torch.randn(t.shape, generator=g) for t in latent.unbind()])
+    return torch.randn(latent.shape, generator=g)
+
+
 def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0):
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    """The sampled latent; a nested (audio + video) latent comes back as the sampler's flat pack (B, 1, N)."""
     sampler = comfy.samplers.sampler_object("euler")
-    return comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                      disable_pbar=True, seed=seed)
+    out = comfy.sample.sample_custom(patcher, _noise(latent, seed), cfg, sampler, sigmas, positive, negative, latent,
+                                     disable_pbar=True, seed=seed)
+    if getattr(out, "is_nested", False):
+        out = comfy.utils.pack_latents(out.unbind())[0]
+    return out
 
 
 def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0):

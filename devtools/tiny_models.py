@@ -48,6 +48,8 @@ class Kind(NamedTuple):
     latent_shape: tuple  # latent without batch: (C, H, W) or (C, T, H, W)
     text_tokens: int  # length of the conditioning we feed (before model-internal registers)
     extra_cond: Dict[str, Any]  # "pooled_output": width -> random tensor; other values as given
+    # audio latent without batch (C, channels, T), nested with the video latent into one latent (MiniMax H3)
+    audio_latent_shape: Optional[tuple] = None
 
     @property
     def unet_config(self) -> Dict[str, Any]:
@@ -334,6 +336,21 @@ def _pid() -> TinyCheckpoint:
                  "lq_proj.gate_modules.0.content_proj.weight": (hidden, 2 * hidden),
                  "lq_proj.gate_modules.0.log_alpha": (), "pit_lq_gate.content_proj.weight": (hidden, 2 * hidden)})
     return TinyCheckpoint("PiD", keys, dict(_PIXELDIT_SIZES, lq_num_res_blocks=1, lq_interval=2))
+def _minimax_h3(hidden: int = 64, head_dim: int = 32, depth: int = 2) -> TinyCheckpoint:
+    """MiniMax H3 (single-stream audio+video DiT): detection reads every size from the shapes.
+
+    Video latents keep their 24 channels (patch 1x2x2: 96 inputs per token) and audio latents their 32; the
+    text is refined by a token refiner (here 1 block) before it enters the joint sequence.
+    """
+    keys = {"video_patch_proj.weight": (hidden, 24 * 4), "audio_patch_proj.weight": (hidden, 32),
+            "condition_proj.weight": (hidden, CONTEXT_DIM), "final_layer.video_out.weight": (24 * 4, hidden),
+            "final_layer.audio_out.weight": (32, hidden), "time_embedder.proj_in.weight": (hidden, 32),
+            "time_embedder.proj_out.weight": (32, hidden), "rope.inv_freq": (4,),
+            "token_refiner.blocks.0.attn.qkv_proj.weight": (3 * hidden, hidden)}
+    keys.update(_blocks("blocks.{}.attn.qkv_proj.weight", depth, (3 * hidden, hidden)))
+    keys.update(_blocks("blocks.{}.attn.q_norm.weight", depth, (head_dim,)))
+    keys.update(_blocks("blocks.{}.mlp.fc1.weight", depth, (2 * 2 * hidden, hidden)))
+    return TinyCheckpoint("MiniMaxH3", keys)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -387,6 +404,9 @@ FAMILY_KINDS = {
     "pixeldit": Kind(_pixeldit(), (3, 32, 32), 40, {}),
     # PiD decodes a 4x4 latent (attached by family_conditioning's lq_latent) to a 32x32 image
     "pid": Kind(_pid(), (3, 32, 32), 40, {}),
+    # video (24 channels, 2 latent frames of 8 x 8) nested with stereo audio (32 channels, 8 latent frames),
+    # as EmptyMiniMaxH3LatentAV makes them
+    "minimax_h3": Kind(_minimax_h3(), (24, 2, 8, 8), 24, {}, audio_latent_shape=(32, 2, 8)),
 }
 
 # Models TACA refuses, built for the error-path tests (never sampled).
@@ -547,9 +567,18 @@ def image_tokens(tiny: TinyModel, height: int, width: int) -> int:
     return math.ceil(height / tiny.patch) * math.ceil(width / tiny.patch)
 
 
-def family_latent(tiny: TinyModel, batch: int = 1, shape: Optional[tuple] = None) -> torch.Tensor:
-    """An empty latent of ``shape`` (without batch; default: the kind's own latent shape)."""
-    return torch.zeros((batch,) + tuple(shape or kind_spec(tiny.kind).latent_shape))
+def family_latent(tiny: TinyModel, batch: int = 1, shape: Optional[tuple] = None) -> Any:
+    """An empty latent of ``shape`` (without batch; default: the kind's own latent shape).
+
+    Kinds with an audio latent get ComfyUI's NestedTensor of the video and audio latents.
+    """
+    video = torch.zeros((batch,) + tuple(shape or kind_spec(tiny.kind).latent_shape))
+    audio_shape = kind_spec(tiny.kind).audio_latent_shape
+    if audio_shape is None:
+        return video
+    import comfy.nested_tensor
+
+    return comfy.nested_tensor.NestedTensor((video, torch.zeros((batch,) + tuple(audio_shape))))
 
 
 class _VisionOutput(NamedTuple):  # what CLIPVisionEncode hands HunyuanVideo 1.5 (only last_hidden_state is read)

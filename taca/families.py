@@ -227,6 +227,34 @@ def _pixeldit_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, A
     tokens = _context_tokens(diffusion_model, context, conds)
     limit = getattr(diffusion_model, "txt_max_length", None)
     return tokens if limit is None else min(tokens, int(limit))
+def _minimax_h3_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # MiniMax H3 packs [text | keyframe condition rows or reference blocks | audio | video]; everything after the
+    # text is visual.  x is the sampler's flat pack of the video and audio latents, "latent_shapes" their shapes;
+    # the condition latents ride in "minimax_payload" and are laid out as the model's PackedLayout does.
+    shapes = conds.get("latent_shapes") or [x.shape]
+    video = shapes[0]
+    patch = tuple(int(p) for p in getattr(diffusion_model, "patch_size", (1, 2, 2)))
+    frame = _ceil_tokens(video[3:], patch[1:])  # 2x2-patch rows of one target latent frame (padded like the model)
+    tokens = int(video[2]) * frame
+    if len(shapes) > 1:
+        tokens += 2 * int(shapes[1][-1])  # stereo audio: one row per channel and latent frame
+    payload = conds.get("minimax_payload") or {}
+    for keyframe in payload.get("keyframes") or ():
+        # keyframe video rows share the target frame grid; keyframe audio rows are stereo like the target's
+        if keyframe.get("latent") is not None:
+            tokens += int(keyframe["latent"].shape[2]) * frame
+        if keyframe.get("audio_latent") is not None:
+            tokens += 2 * int(keyframe["audio_latent"].shape[-1])
+    for block in payload.get("refs") or ():
+        kind = block["kind"]
+        ref_frame = (int(block.get("latent_h", 0)) // patch[1]) * (int(block.get("latent_w", 0)) // patch[2])
+        if kind == "image":
+            tokens += ref_frame
+        elif kind == "audio":
+            tokens += 2 * int(block["ref_audio_t"])
+        elif kind in ("video", "video_audio"):
+            tokens += 2 * int(block["ref_audio_t"]) + int(block["latent_t"]) * ref_frame
+    return tokens
 
 
 FAMILIES: Tuple[ModelFamily, ...] = (
@@ -364,6 +392,16 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_image_tokens,  # pixel patches of the model's patch size (16), before any pixel-level block
         text_side="the Gemma-2 tokens (300 from ComfyUI's encoder, padding included, as the model keeps it; a "
                   "longer context is cut to 300)",
+    ),
+    ModelFamily(
+        name="MiniMax H3 (audio + video)",
+        model_classes=("MiniMaxH3",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_minimax_h3_visual_tokens,
+        text_side="the Qwen3-VL tokens after the token refiner (including the vision tokens of the keyframe and "
+                  "reference images the text encoder saw); keyframe, reference, audio and video latents count as "
+                  "visual",
     ),
 )
 

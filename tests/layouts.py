@@ -22,7 +22,13 @@ from harness import installed_override, with_override
 
 # conditioning keys whose tensors are token sequences on the text side of the families we build
 TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small")
-VISUAL_KEYS = ("reference_latents", "ref_latent", "lq_latent")
+VISUAL_KEYS = (
+    "reference_latents",
+    "ref_latent",
+    "lq_latent",  # PiD: the latent it decodes
+    "minimax_keyframes",  # MiniMax H3: lists of dicts holding condition latents
+    "minimax_refs",
+)
 
 
 class KeyRecorder:
@@ -47,6 +53,8 @@ def _other(value: Any, generator: torch.Generator) -> Any:
         return type(value)(_other(v, generator) for v in value)
     if hasattr(value, "_fields"):  # a NamedTuple such as a CLIP vision output
         return type(value)(*(_other(v, generator) for v in value))
+    if isinstance(value, dict):  # a keyframe or reference block: its latents change, its geometry stays
+        return {k: _other(v, generator) for k, v in value.items()}
     return value
 
 

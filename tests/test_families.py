@@ -141,6 +141,20 @@ CASES = {
     "pixeldit_long_text": Case("pixeldit", {"text_tokens": 60}, 48, 112, {(64, 64)}, 2),
     # PiD: the same layout; its 4x4 latent is projected onto the 64 patch tokens (gated, added), no tokens of its own.
     "pid": Case("pid", {"lq_latent": (16, 4, 4)}, 40, 104, {(64, 64)}, 2),
+    # MiniMax H3, one stream [24 text | 16 audio | 32 video]: the Qwen3-VL context after the token refiner (which runs
+    # once in extra_conds, outside the model call); 8 stereo audio latent frames = 2 x 8 rows; 2 latent frames of
+    # (8/2) x (8/2) video patches.  2 blocks, each one joint self-attention over the whole pack; nothing else attends.
+    # The model takes batch 1 only (cond and uncond run as separate model calls).
+    "minimax_h3": Case("minimax_h3", {}, 24, 72, set(), 2, batch=1, latent_batch=1),
+    # first-frame keyframe (fl2va): 1 condition frame on the target grid (16 rows) and 4 audio frames (2 x 4 rows)
+    # packed between the text and the target streams; condition rows are visual.
+    "minimax_h3_keyframe": Case("minimax_h3", {"minimax_keyframes": "minimax_keyframe"}, 24, 96, set(), 2,
+                                batch=1, latent_batch=1),
+    # references (ref2va): an image of (6/2) x (8/2) = 12 rows and a video+audio block of 1 frame of (4/2) x (4/2) = 4
+    # rows plus 2 x 3 audio rows, packed between the text and the target streams: 72 + 22.
+    "minimax_h3_refs": Case("minimax_h3", {"minimax_refs": "minimax_refs"}, 24, 94, set(), 2, batch=1, latent_batch=1),
+    # a video latent not a multiple of the patch: padded by the model to 2 x (8/2) x (10/2) = 40 video rows, + 16 audio.
+    "minimax_h3_odd_latent": Case("minimax_h3", {}, 24, 80, set(), 2, batch=1, latent_batch=1, latent=(24, 2, 7, 9)),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -153,9 +167,23 @@ def _text_mask():
     return mask
 
 
+def _minimax_keyframe():
+    g = torch.Generator().manual_seed(11)
+    return [{"resolved_frame_index": 0, "latent": torch.randn(1, 24, 1, 8, 8, generator=g),
+             "audio_latent": torch.randn(1, 32, 2, 4, generator=g)}]
+
+
+def _minimax_refs():
+    g = torch.Generator().manual_seed(13)
+    return [{"kind": "image", "latent_h": 6, "latent_w": 8, "latent": torch.randn(1, 24, 1, 6, 8, generator=g)},
+            {"kind": "video_audio", "latent_t": 1, "latent_h": 4, "latent_w": 4, "ref_audio_t": 3,
+             "latent": torch.randn(1, 24, 1, 4, 4, generator=g), "audio_latent": torch.randn(1, 32, 2, 3, generator=g)}]
+
+
 _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()],
            "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
-           "joyimage_ref": lambda: [_joyimage_ref()]}
+           "joyimage_ref": lambda: [_joyimage_ref()],
+           "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs}
 
 
 def setup(case: Case):
@@ -290,6 +318,7 @@ SIGMA_GATED = [
     "joyimage",
     "pixeldit",
     "pid",
+    "minimax_h3",
 ]
 
 
