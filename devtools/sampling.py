@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Union
+
 import torch
 
 import comfy.sample
@@ -10,16 +12,21 @@ import comfy.samplers
 from . import tiny_models as tm
 
 
-def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0):
+def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0,
+                  sampler: Union[str, Any] = "euler"):
+    """ComfyUI's sampler ``sampler`` (a KSampler name, or a ``comfy.samplers.Sampler`` such as a node's) over
+    ``sigmas``."""
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    sampler = comfy.samplers.sampler_object("euler")
+    if isinstance(sampler, str):
+        sampler = comfy.samplers.sampler_object(sampler)
     return comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
                                       disable_pbar=True, seed=seed)
 
 
-def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0):
-    """One Euler step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
-    return sample_sigmas(patcher, positive, negative, latent, torch.tensor([sigma, 0.0]), cfg, seed)
+def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0,
+             sampler: Union[str, Any] = "euler"):
+    """One step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
+    return sample_sigmas(patcher, positive, negative, latent, torch.tensor([sigma, 0.0]), cfg, seed, sampler)
 
 
 def ksample(patcher, tiny, steps=30, cfg=3.0, seed=3, start_step=None, batch=1, height=16, width=16,
