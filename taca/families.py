@@ -223,6 +223,15 @@ def _joyimage_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any])
     return sum(_ceil_tokens(lat.shape[2:], patch) for lat in [x, *_latent_list(conds.get("ref_latents"))])
 
 
+def _cogvideox_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # CogVideoX: the (B, C, T, H, W) latent padded to the patch size and cut into p x p patches per frame
+    # (CogVideoX 1.0), or into p_t x p x p patches (1.5, patch_size_t set).  Image-to-video concatenates the image
+    # latent as channels, which adds no tokens.
+    p = int(diffusion_model.patch_size)
+    p_t = getattr(diffusion_model, "patch_size_t", None) or 1
+    return _ceil_tokens(x.shape[2:], (p_t, p, p))
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -348,6 +357,14 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_joyimage_visual_tokens,
         text_side="the Qwen3-VL tokens (Edit: including the vision tokens of the input images); reference latents "
                   "count as image tokens",
+    ),
+    ModelFamily(
+        name="CogVideoX (1.0, 1.5; T2V, I2V, Fun inpainting)",
+        model_classes=("CogVideoX",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_cogvideox_visual_tokens,
+        text_side="the T5 tokens, padded to 226 (padding included: the model has no text mask)",
     ),
 )
 

@@ -22,6 +22,7 @@ EXPECTED = {
     "hunyuan_image21": "HunyuanImage21", "hunyuan_image21_refiner": "HunyuanImage21Refiner",
     "chroma_radiance": "ChromaRadiance", "qwen_image": "QwenImage", "hidream": "HiDream", "lumina2": "Lumina2",
     "z_image": "ZImage", "omnigen2": "Omnigen2", "lens": "Lens", "joyimage": "JoyImage",
+    "cogvideox": "CogVideoX_T2V", "cogvideox15_i2v": "CogVideoX_I2V", "cogvideox_fun_inpaint": "CogVideoX_Inpaint",
     # refused ones
     "sd15": "SD15", "hunyuan3d": "Hunyuan3Dv2", "sdxl": "SDXL", "wan21": "WAN21_T2V", "wan21_vace": "WAN21_Vace",
     "wan22": "WAN22_T2V", "pixart": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "cosmos_predict2": "CosmosT2IPredict2",
