@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Union
+
 import torch
 
 import comfy.nested_tensor
@@ -19,9 +21,12 @@ def _noise(latent, seed: int):
     return torch.randn(latent.shape, generator=g)
 
 
-def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0):
-    """The sampled latent; a nested (audio + video) latent comes back as the sampler's flat pack (B, 1, N)."""
-    sampler = comfy.samplers.sampler_object("euler")
+def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0, seed: int = 0,
+                  sampler: Union[str, Any] = "euler"):
+    """ComfyUI's sampler ``sampler`` (a KSampler name, or a ``comfy.samplers.Sampler`` such as a node's) over
+    ``sigmas``; a nested (audio + video) latent comes back as the sampler's flat pack (B, 1, N)."""
+    if isinstance(sampler, str):
+        sampler = comfy.samplers.sampler_object(sampler)
     out = comfy.sample.sample_custom(patcher, _noise(latent, seed), cfg, sampler, sigmas, positive, negative, latent,
                                      disable_pbar=True, seed=seed)
     if getattr(out, "is_nested", False):
@@ -29,9 +34,10 @@ def sample_sigmas(patcher, positive, negative, latent, sigmas, cfg: float = 1.0,
     return out
 
 
-def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0):
-    """One Euler step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
-    return sample_sigmas(patcher, positive, negative, latent, torch.tensor([sigma, 0.0]), cfg, seed)
+def one_step(patcher, positive, negative, latent, sigma: float = 1.0, cfg: float = 1.0, seed: int = 0,
+             sampler: Union[str, Any] = "euler"):
+    """One step from ``sigma`` to 0 through ComfyUI's sampler: returns the (CFG) denoised prediction."""
+    return sample_sigmas(patcher, positive, negative, latent, torch.tensor([sigma, 0.0]), cfg, seed, sampler)
 
 
 def ksample(patcher, tiny, steps=30, cfg=3.0, seed=3, start_step=None, batch=1, height=16, width=16,

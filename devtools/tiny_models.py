@@ -241,6 +241,21 @@ def _joyimage(depth: int = 2) -> TinyCheckpoint:
     return TinyCheckpoint("JoyImage", keys, {"text_dim": CONTEXT_DIM, "mlp_width_ratio": 2.0})
 
 
+def _cogvideox(expected: str, in_channels: int = 16, patch_t: bool = False, ofs: bool = False,
+               layers: int = 2) -> TinyCheckpoint:
+    """CogVideoX: detection reads the width from norm1 (6 x dim) and sets 64-wide heads (dim 64: one head here,
+    made two heads of 32 by `sizes`); no pos_embedding key means rotary embeddings (5b, 1.5).  ``patch_t``: a
+    CogVideoX 1.5 checkpoint, its patch embedder a Linear over 2 x 2 x 2 patches (detection reads patch sizes 2)."""
+    dim, time_dim = 64, 32
+    proj = (dim, in_channels * 2 * 2 * 2) if patch_t else (dim, in_channels, 2, 2)
+    keys = {"patch_embed.proj.weight": proj, "patch_embed.text_proj.weight": (dim, CONTEXT_DIM),
+            "time_embedding_linear_1.weight": (time_dim, dim), "proj_out.weight": (16 * 4 * (2 if patch_t else 1), dim)}
+    keys.update(_blocks("blocks.{}.norm1.linear.weight", layers, (6 * dim, time_dim)))
+    if ofs:  # CogVideoX 1.5 I2V's OFS embedding
+        keys["ofs_embedding_linear_1.weight"] = (time_dim, time_dim)  # added to the time embedding
+    return TinyCheckpoint(expected, keys, {"num_attention_heads": 2, "attention_head_dim": 32})
+
+
 def _unet(expected: str, linear: bool, adm: Optional[int] = None) -> TinyCheckpoint:
     """A two-level UNet (channels 32/64, one res block each, attention on the second level, context 32)."""
     proj = (64, 64) if linear else (64, 64, 1, 1)
@@ -407,6 +422,14 @@ FAMILY_KINDS = {
     # video (24 channels, 2 latent frames of 8 x 8) nested with stereo audio (32 channels, 8 latent frames),
     # as EmptyMiniMaxH3LatentAV makes them
     "minimax_h3": Kind(_minimax_h3(), (24, 2, 8, 8), 24, {}, audio_latent_shape=(32, 2, 8)),
+    # CogVideoX 1.0 T2V (5b: rotary embeddings, frames not patched)
+    "cogvideox": Kind(_cogvideox("CogVideoX_T2V"), (16, 3, 8, 8), 26, {}),
+    # CogVideoX 1.5 I2V: latent + 16 concat image channels, 2 x 2 x 2 patches, OFS embedding
+    "cogvideox15_i2v": Kind(_cogvideox("CogVideoX_I2V", in_channels=32, patch_t=True, ofs=True), (16, 3, 8, 10), 26,
+                            {}),
+    # CogVideoX-Fun 1.5 inpainting (VOID): latent + 32 concat channels (mask and masked video latents)
+    "cogvideox_fun_inpaint": Kind(_cogvideox("CogVideoX_Inpaint", in_channels=48, patch_t=True), (16, 2, 8, 8), 26,
+                                  {}),
 }
 
 # Models TACA refuses, built for the error-path tests (never sampled).

@@ -257,6 +257,15 @@ def _minimax_h3_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any
     return tokens
 
 
+def _cogvideox_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # CogVideoX: the (B, C, T, H, W) latent padded to the patch size and cut into p x p patches per frame
+    # (CogVideoX 1.0), or into p_t x p x p patches (1.5, patch_size_t set).  Image-to-video concatenates the image
+    # latent as channels, which adds no tokens.
+    p = int(diffusion_model.patch_size)
+    p_t = getattr(diffusion_model, "patch_size_t", None) or 1
+    return _ceil_tokens(x.shape[2:], (p_t, p, p))
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -402,6 +411,12 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         text_side="the Qwen3-VL tokens after the token refiner (including the vision tokens of the keyframe and "
                   "reference images the text encoder saw); keyframe, reference, audio and video latents count as "
                   "visual",
+        name="CogVideoX (1.0, 1.5; T2V, I2V, Fun inpainting)",
+        model_classes=("CogVideoX",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_cogvideox_visual_tokens,
+        text_side="the T5 tokens, padded to 226 (padding included: the model has no text mask)",
     ),
 )
 

@@ -1,6 +1,6 @@
 """Every joint-attention family (FLUX.1, Flux.2, Chroma, SD3/SD3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1,
-Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, Lens, JoyImage(-Edit)), patched through the node against the
-same model run with a float64 reference attention, and the cross-attention families TACA refuses.
+Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, Lens, JoyImage(-Edit), CogVideoX), patched through the
+node against the same model run with a float64 reference attention, and the cross-attention families TACA refuses.
 
 Each case builds a tiny random-weight model with ComfyUI's own classes and runs it through ComfyUI's sampler.
 Where the text sits in the joint attention (its order and span) is observed on the running ComfyUI
@@ -10,10 +10,13 @@ taken from taca/families.py; the case tables hold what the test knows of the mod
     text, length   text tokens and joint sequence length (checked against the observation)
     other          every other attention call as (q length, k length) (refiners, image-only attention)
 
-One Euler step from sigma 1 to 0 makes the output the model's CFG-combined prediction.
+One Euler step from sigma 1 to 0 makes the output the model's CFG-combined prediction.  CogVideoX, a discrete-time
+v-prediction model, is stepped from its largest sigma (timestep 999) with ComfyUI's VOIDSampler, the DDIM sampler
+its workflows use: ComfyUI's other samplers hand it the noise scaled by sqrt(1 + sigma^2), about 4500 at that sigma,
+which buries every attention output in the residual stream (TACA then moves the output by about 4e-5 only).
 """
 
-from typing import Dict, NamedTuple, Optional, Set, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Set, Tuple, Union
 
 import pytest
 import torch
@@ -42,6 +45,8 @@ class Case(NamedTuple):
     cfg: float = 3.0
     latent_batch: Optional[int] = None  # default: 1 at cfg 1 (one conditioning), else 2
     moves: int = 30  # TACA moves the output at least this many tolerances away from the plain model's
+    sigma: Union[float, str, None] = None  # of the step; None: 1.0; "max": the model's model_sampling.sigma_max
+    sampler: str = "euler"  # a KSampler name, or "void": ComfyUI's VOIDSampler (CogVideoX's DDIM, no noise scaling)
 
 
 def _qwen_ref():
@@ -62,6 +67,10 @@ def _kontext_ref():
 
 def _joyimage_ref():
     return torch.randn(1, 16, 1, 12, 8, generator=torch.Generator().manual_seed(7))
+
+
+def _cogvideox_image():
+    return torch.randn(1, 16, 1, 8, 10, generator=torch.Generator().manual_seed(7))
 
 
 CASES = {
@@ -155,6 +164,14 @@ CASES = {
     "minimax_h3_refs": Case("minimax_h3", {"minimax_refs": "minimax_refs"}, 24, 94, set(), 2, batch=1, latent_batch=1),
     # a video latent not a multiple of the patch: padded by the model to 2 x (8/2) x (10/2) = 40 video rows, + 16 audio.
     "minimax_h3_odd_latent": Case("minimax_h3", {}, 24, 80, set(), 2, batch=1, latent_batch=1, latent=(24, 2, 7, 9)),
+    # CogVideoX 1.0 T2V: [26 T5 tokens (the conditioning's length; 226 with ComfyUI's T5 padding) | 3 frames x
+    # (8/2) x (8/2) = 48 video tokens (frames are not patched)]; one joint attention per block, 2 blocks, no other
+    # attention.  At its largest sigma (timestep 999) through VOIDSampler (see the module docstring).
+    "cogvideox": Case("cogvideox", {}, 26, 74, set(), 2, moves=100, sigma="max", sampler="void"),
+    # CogVideoX 1.5 I2V: the image latent enters as 16 concat channels, no tokens; 2 x 2 x 2 patches over the 3
+    # frames padded to 4: 2 x 4 x 5 = 40 video tokens after the 26 text tokens; 2 blocks, no other attention.
+    "cogvideox15_i2v": Case("cogvideox15_i2v", {"concat_latent_image": "cogvideox_image"}, 26, 66, set(), 2,
+                            moves=100, sigma="max", sampler="void"),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -183,7 +200,8 @@ def _minimax_refs():
 _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()],
            "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
            "joyimage_ref": lambda: [_joyimage_ref()],
-           "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs}
+           "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs,
+           "cogvideox_image": _cogvideox_image}
 
 
 def setup(case: Case):
@@ -194,6 +212,21 @@ def setup(case: Case):
     latent_batch = case.latent_batch or (1 if case.cfg == 1.0 else 2)
     latent = tm.family_latent(tiny, batch=latent_batch, shape=case.latent)
     return tiny, positive, negative, latent
+
+
+def step(case: Case, tiny) -> Dict[str, Any]:
+    """one_step's sigma and sampler for a case."""
+    sigma = case.sigma
+    if sigma is None:
+        sigma = 1.0
+    elif sigma == "max":
+        sigma = float(tiny.patcher.get_model_object("model_sampling").sigma_max)
+    sampler: Any = case.sampler
+    if sampler == "void":
+        from comfy_extras.nodes_void import VOID_DDIM  # ComfyUI 0.33.0's VOIDSampler node hands this out
+
+        sampler = VOID_DDIM()
+    return {"sigma": sigma, "sampler": sampler, "cfg": case.cfg}
 
 
 _OBSERVED: Dict[str, Dict[int, Tuple[int, int]]] = {}
@@ -216,9 +249,10 @@ def check_forward(pack_nodes, name: str, mode: str = "exact", listing2: bool = F
     case = case or CASES[name]
     tiny, positive, negative, latent = setup(case)
     reference = ReferenceTacaAttention(joint_layout(name), GAMMA, listing2=listing2)
-    out = one_step(taca(pack_nodes, tiny.patcher, mode=mode), positive, negative, latent, cfg=case.cfg)
-    ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=case.cfg)
-    plain = one_step(tiny.patcher, positive, negative, latent, cfg=case.cfg)
+    at = step(case, tiny)
+    out = one_step(taca(pack_nodes, tiny.patcher, mode=mode), positive, negative, latent, **at)
+    ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, **at)
+    plain = one_step(tiny.patcher, positive, negative, latent, **at)
     assert reference.joint_calls > 0
     assert torch.isfinite(out).all()
     assert rel_diff(out, ref) <= TOLERANCE, (rel_diff(out, ref), rel_diff(plain, ref))
@@ -282,10 +316,11 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     tiny, positive, negative, latent = setup(case)
     patched = taca(pack_nodes, with_override(tiny.patcher, AttentionSpy()))
     spy = installed_override(patched)
-    one_step(patched, positive, negative, latent, cfg=case.cfg)
+    at = step(case, tiny)
+    one_step(patched, positive, negative, latent, **at)
     plain_model = with_override(tiny.patcher, AttentionSpy())
     plain_spy = installed_override(plain_model)
-    one_step(plain_model, positive, negative, latent, cfg=case.cfg)
+    one_step(plain_model, positive, negative, latent, **at)
 
     (length, (start, stop)), = joint_layout(name).items()
     plain_joint = [c for c in plain_spy.calls if c[1] == c[2] == length]
