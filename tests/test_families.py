@@ -117,6 +117,21 @@ CASES = {
     # OmniGen2: [35 text | 24 reference + 64 image]; context (35), ref-image (24) and noise (64) refiners untouched.
     "omnigen2": Case("omnigen2", {"reference_latents": "omnigen_ref"}, 35, 123, {(35, 35), (24, 24), (64, 64)},
                      2, batch=1),
+    # Ideogram 4 (single stream): [40 Qwen3-VL tokens | 8 x 8 = 64 image tokens, one per position of the patchified
+    # 128-channel latent]; 2 layers, each one joint attention; no other attention.
+    "ideogram4": Case("ideogram4", {}, 40, 104, set(), 2),
+    # Ideogram 4 with a text padding mask (last 6 of 30 tokens): the model keeps the padding in the sequence (text
+    # side) and masks it out of every other token's attention (a block mask of its segments, added to the logits).
+    "ideogram4_masked": Case("ideogram4", {"text_tokens": 30, "attention_mask": "text_mask"}, 30, 94, set(), 2),
+    # Krea 2 (single stream): [40 text | (16/2)^2 = 64 image]; 2 blocks. Its text-fusion stack attends over the 2
+    # tapped layers of each token (2 calls, (2, 2)), then over the 40 text tokens (2 refiner calls).
+    "krea2": Case("krea2", {}, 40, 104, {(2, 2), (40, 40)}, 2),
+    # Krea 2 with a 12x8 reference latent and a reference method: 6 x 4 = 24 reference tokens after the image ones
+    # (visual); index_timestep_zero modulates them at timestep 0.
+    "krea2_ref": Case("krea2", {"reference_latents": "qwen_ref", "reference_latents_method": "timestep_zero_method"},
+                      40, 128, {(2, 2), (40, 40)}, 2),
+    # Without a reference method Krea 2 ignores the reference latents: the joint sequence is text + image only.
+    "krea2_ref_ignored": Case("krea2", {"reference_latents": "qwen_ref"}, 40, 104, {(2, 2), (40, 40)}, 2),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -130,7 +145,8 @@ def _text_mask():
 
 
 _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()],
-           "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()]}
+           "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
+           "timestep_zero_method": lambda: "index_timestep_zero"}
 
 
 def setup(case: Case):
@@ -249,8 +265,9 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     assert sorted(other) == sorted(plain_other)  # the refiners' calls, whole and unchanged
 
 
-@pytest.mark.parametrize("name", ["auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image",
-                                  "omnigen2", "hunyuan_image21", "hunyuan_video15"])
+@pytest.mark.parametrize("name", [name for name in [
+    "auraflow", "chroma_radiance", "hunyuan_video", "qwen_image", "hidream", "lumina2", "z_image", "omnigen2",
+    "hunyuan_image21", "hunyuan_video15", "ideogram4", "krea2"] if name in AVAILABLE])
 def test_below_threshold_bit_identical_and_gated_by_sigma(pack_nodes, name):
     case = CASES[name]
     tiny, positive, negative, latent = setup(case)
