@@ -254,6 +254,26 @@ def _cogvideox(expected: str, in_channels: int = 16, patch_t: bool = False, ofs:
     if ofs:  # CogVideoX 1.5 I2V's OFS embedding
         keys["ofs_embedding_linear_1.weight"] = (time_dim, time_dim)  # added to the time embedding
     return TinyCheckpoint(expected, keys, {"num_attention_heads": 2, "attention_head_dim": 32})
+def _ideogram4(layers: int = 2) -> TinyCheckpoint:
+    # Detection reads the input width (128: 2 x 2 patches of 32 latent channels) and counts the layers; every other
+    # size is a constant of the class (unet_extra_config), which the tiny sizes replace.
+    keys = {"embed_image_indicator.weight": (2, 64), "input_proj.weight": (64, 128),
+            "llm_cond_proj.weight": (64, CONTEXT_DIM), "final_layer.linear.weight": (128, 64)}
+    keys.update(_blocks("layers.{}.attention.qkv.weight", layers, (3 * 64, 64)))
+    return TinyCheckpoint("Ideogram4", keys, {
+        "num_attention_heads": 2, "attention_head_dim": 32, "intermediate_size": 128, "adaln_dim": 32,
+        "llm_features_dim": CONTEXT_DIM, "mrope_section": [6, 5, 5]})
+
+
+def _krea2(layers: int = 2) -> TinyCheckpoint:
+    # Detection reads heads and KV heads from the projections at a head size of 128 (kept here: 2 heads, 1 KV head,
+    # GQA as in the real 48/12), and the text-fusion stack's layers and width from its projector and norms: 2 layers
+    # of 16 features make the 32-wide conditioning we feed. The text-fusion heads are constants.
+    keys = {"first.weight": (256, 16 * 2 * 2), "txtfusion.projector.weight": (1, 2),
+            "txtfusion.layerwise_blocks.0.prenorm.scale": (16,), "last.linear.weight": (16 * 2 * 2, 256)}
+    keys.update(_blocks("blocks.{}.attn.wq.weight", layers, (256, 256)))
+    keys.update(_blocks("blocks.{}.attn.wk.weight", layers, (128, 256)))
+    return TinyCheckpoint("Krea2", keys, {"txtheads": 2, "txtkvheads": 2})
 
 
 def _unet(expected: str, linear: bool, adm: Optional[int] = None) -> TinyCheckpoint:
@@ -430,6 +450,10 @@ FAMILY_KINDS = {
     # CogVideoX-Fun 1.5 inpainting (VOID): latent + 32 concat channels (mask and masked video latents)
     "cogvideox_fun_inpaint": Kind(_cogvideox("CogVideoX_Inpaint", in_channels=48, patch_t=True), (16, 2, 8, 8), 26,
                                   {}),
+    # Ideogram 4: 128-channel latents at 1/16 scale, one token per latent position
+    "ideogram4": Kind(_ideogram4(), (128, 8, 8), 40, {}),
+    # Krea 2: Wan 2.1 latents (16 channels, one frame)
+    "krea2": Kind(_krea2(), (16, 1, 16, 16), 40, {}),
 }
 
 # Models TACA refuses, built for the error-path tests (never sampled).
@@ -522,6 +546,9 @@ def build_model(ckpt: TinyCheckpoint, seed: Union[int, torch.Generator] = 0, dty
     """(BaseModel, ModelPatcher) of a tiny checkpoint on the CPU, with seeded random weights."""
     config_class, unet_config = _detect(ckpt)
     model_config = config_class(unet_config)
+    # A class that keeps its full-size constants in unet_extra_config (Ideogram 4) writes them over the tiny sizes
+    # when it is made; the tiny sizes are put back.
+    model_config.unet_config.update(ckpt.sizes)
     model_config.set_inference_dtype(dtype, None)
     device = torch.device("cpu")
     base = model_config.get_model({}, device=device)

@@ -266,6 +266,24 @@ def _cogvideox_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]
     return _ceil_tokens(x.shape[2:], (p_t, p, p))
 
 
+def _ideogram4_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # Ideogram 4's latent comes patchified (2 x 2 patches of 32 channels in its 128 channels): one image token per
+    # latent position, no padding.
+    return int(x.shape[-2]) * int(x.shape[-1])
+
+
+def _krea2_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # Krea 2: each frame's plane, padded to the patch (frames go to the batch, one sequence each), plus the
+    # reference latents, which the model appends only when a reference method is set (in the conditioning, or the
+    # checkpoint's default); without one it ignores them.
+    patch = (int(getattr(diffusion_model, "patch", 2)),) * 2
+    tokens = _ceil_tokens(x.shape[-2:], patch)
+    method = conds.get("ref_latents_method", getattr(diffusion_model, "default_ref_method", None))
+    if method is not None:
+        tokens += sum(_ceil_tokens(ref.shape[-2:], patch) for ref in _latent_list(conds.get("ref_latents")))
+    return tokens
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -417,6 +435,24 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_context_tokens,
         count_visual=_cogvideox_visual_tokens,
         text_side="the T5 tokens, padded to 226 (padding included: the model has no text mask)",
+    ),
+    ModelFamily(
+        name="Ideogram 4",
+        model_classes=("Ideogram4",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_ideogram4_visual_tokens,
+        text_side="the Qwen3-VL tokens (13 layers stacked per token), padding included as the model keeps it "
+                  "(masked out of the image's attention)",
+    ),
+    ModelFamily(
+        name="Krea 2",
+        model_classes=("Krea2",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_krea2_visual_tokens,
+        text_side="the Qwen3-VL tokens after the model's text-fusion blocks; reference latents count as image "
+                  "tokens",
     ),
 )
 

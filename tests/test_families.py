@@ -172,6 +172,21 @@ CASES = {
     # frames padded to 4: 2 x 4 x 5 = 40 video tokens after the 26 text tokens; 2 blocks, no other attention.
     "cogvideox15_i2v": Case("cogvideox15_i2v", {"concat_latent_image": "cogvideox_image"}, 26, 66, set(), 2,
                             moves=100, sigma="max", sampler="void"),
+    # Ideogram 4 (single stream): [40 Qwen3-VL tokens | 8 x 8 = 64 image tokens, one per position of the patchified
+    # 128-channel latent]; 2 layers, each one joint attention; no other attention.
+    "ideogram4": Case("ideogram4", {}, 40, 104, set(), 2),
+    # Ideogram 4 with a text padding mask (last 6 of 30 tokens): the model keeps the padding in the sequence (text
+    # side) and masks it out of every other token's attention (a block mask of its segments, added to the logits).
+    "ideogram4_masked": Case("ideogram4", {"text_tokens": 30, "attention_mask": "text_mask"}, 30, 94, set(), 2),
+    # Krea 2 (single stream): [40 text | (16/2)^2 = 64 image]; 2 blocks. Its text-fusion stack attends over the 2
+    # tapped layers of each token (2 calls, (2, 2)), then over the 40 text tokens (2 refiner calls).
+    "krea2": Case("krea2", {}, 40, 104, {(2, 2), (40, 40)}, 2),
+    # Krea 2 with a 12x8 reference latent and a reference method: 6 x 4 = 24 reference tokens after the image ones
+    # (visual); index_timestep_zero modulates them at timestep 0.
+    "krea2_ref": Case("krea2", {"reference_latents": "qwen_ref", "reference_latents_method": "timestep_zero_method"},
+                      40, 128, {(2, 2), (40, 40)}, 2),
+    # Without a reference method Krea 2 ignores the reference latents: the joint sequence is text + image only.
+    "krea2_ref_ignored": Case("krea2", {"reference_latents": "qwen_ref"}, 40, 104, {(2, 2), (40, 40)}, 2),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -201,7 +216,7 @@ _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_
            "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
            "joyimage_ref": lambda: [_joyimage_ref()],
            "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs,
-           "cogvideox_image": _cogvideox_image}
+           "cogvideox_image": _cogvideox_image, "timestep_zero_method": lambda: "index_timestep_zero"}
 
 
 def setup(case: Case):
@@ -354,6 +369,8 @@ SIGMA_GATED = [
     "pixeldit",
     "pid",
     "minimax_h3",
+    "ideogram4",
+    "krea2",
 ]
 
 

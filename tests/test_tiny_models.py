@@ -32,6 +32,8 @@ EXPECTED = {
     "cogvideox": "CogVideoX_T2V",
     "cogvideox15_i2v": "CogVideoX_I2V",
     "cogvideox_fun_inpaint": "CogVideoX_Inpaint",
+    "ideogram4": "Ideogram4",
+    "krea2": "Krea2",
     # refused ones
     "sd15": "SD15", "hunyuan3d": "Hunyuan3Dv2", "sdxl": "SDXL", "wan21": "WAN21_T2V", "wan21_vace": "WAN21_Vace",
     "wan22": "WAN22_T2V", "pixart": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "cosmos_predict2": "CosmosT2IPredict2",
