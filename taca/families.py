@@ -429,6 +429,8 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         text_side="the Qwen3-VL tokens after the token refiner (including the vision tokens of the keyframe and "
                   "reference images the text encoder saw); keyframe, reference, audio and video latents count as "
                   "visual",
+    ),
+    ModelFamily(
         name="CogVideoX (1.0, 1.5; T2V, I2V, Fun inpainting)",
         model_classes=("CogVideoX",),
         text_first=True,
