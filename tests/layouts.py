@@ -21,8 +21,8 @@ from devtools.sampling import one_step
 from harness import installed_override, with_override
 
 # conditioning keys whose tensors are token sequences on the text side of the families we build
-TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small")
-VISUAL_KEYS = ("reference_latents", "ref_latent")
+TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small", "reference_latents_text_embeds")
+VISUAL_KEYS = ("reference_latents", "ref_latent", "clip_vision_outputs")
 
 
 class KeyRecorder:
