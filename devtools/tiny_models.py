@@ -254,6 +254,8 @@ def _cogvideox(expected: str, in_channels: int = 16, patch_t: bool = False, ofs:
     if ofs:  # CogVideoX 1.5 I2V's OFS embedding
         keys["ofs_embedding_linear_1.weight"] = (time_dim, time_dim)  # added to the time embedding
     return TinyCheckpoint(expected, keys, {"num_attention_heads": 2, "attention_head_dim": 32})
+
+
 def _ideogram4(layers: int = 2) -> TinyCheckpoint:
     # Detection reads the input width (128: 2 x 2 patches of 32 latent channels) and counts the layers; every other
     # size is a constant of the class (unet_extra_config), which the tiny sizes replace.
@@ -274,6 +276,55 @@ def _krea2(layers: int = 2) -> TinyCheckpoint:
     keys.update(_blocks("blocks.{}.attn.wq.weight", layers, (256, 256)))
     keys.update(_blocks("blocks.{}.attn.wk.weight", layers, (128, 256)))
     return TinyCheckpoint("Krea2", keys, {"txtheads": 2, "txtkvheads": 2})
+
+
+def _longcat_image() -> TinyCheckpoint:
+    # FLUX.1 layout without guidance or pooled-vector input; ComfyUI recognises LongCat-Image by its 3584-wide
+    # (Qwen2.5-VL 7B) text input.  Its class does not rename FLUX's "_norm.scale" keys: they are ".weight" here.
+    flux = _flux(guidance=False)
+    keys = {k.replace("_norm.scale", "_norm.weight"): v for k, v in flux.keys.items() if not k.startswith("vector_in.")}
+    return TinyCheckpoint("LongCatImage", keys, dict(flux.sizes, context_in_dim=CONTEXT_DIM),
+                          wide={"txt_in.weight": (64, 3584)})
+
+
+def _mage_flow() -> TinyCheckpoint:
+    # Qwen-Image blocks, patch 1 over the 128-channel Flux.2 latent; matched on its 2560-wide text norm and its
+    # 128-wide output.
+    keys = {"txt_norm.weight": (CONTEXT_DIM,), "img_in.weight": (64, 128), "proj_out.weight": (128, 64)}
+    keys.update(_blocks("transformer_blocks.{}.attn.norm_q.weight", 2, (32,)))
+    return TinyCheckpoint("MageFlow", keys, {
+        "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": CONTEXT_DIM,
+        "axes_dims_rope": (8, 12, 12)}, wide={"txt_norm.weight": (2560,)})
+
+
+def _z_image_pixel(siglip: bool = False) -> TinyCheckpoint:
+    # Z-Image with the pixel-space decoder head (dec_net): patch 4 over RGB here; detection reads the patch from
+    # x_embedder, the decoder's width, depth and frequencies from its keys.  siglip: with Z-Image Omni's SigLIP
+    # embedder (its width read from the checkpoint), used on the reference-image path.
+    keys = {"cap_embedder.1.weight": (256, CONTEXT_DIM), "noise_refiner.0.attention.k_norm.weight": (128,),
+            "cap_pad_token": (1, 256), "x_pad_token": (1, 256), "x_embedder.weight": (256, 4 * 4 * 3),
+            "dec_net.cond_embed.weight": (32, 256), "dec_net.input_embedder.embedder.0.weight": (32, 48 + 4 ** 2),
+            "dec_net.res_blocks.0.in_ln.weight": (32,), "dec_net.final_layer.linear.weight": (48, 32)}
+    keys.update(_blocks("layers.{}.ffn_norm1.weight", 2, (256,)))
+    if siglip:
+        keys.update({"siglip_embedder.0.weight": (VISION_DIM,), "siglip_embedder.1.weight": (256, VISION_DIM),
+                     "siglip_pad_token": (1, 256)})
+    return TinyCheckpoint("ZImagePixelSpace", keys, {
+        "dim": 256, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "norm_eps": 1e-5,
+        "axes_lens": [300, 64, 64]}, wide={"cap_embedder.1.weight": (3840, CONTEXT_DIM)})
+
+
+def _boogu() -> TinyCheckpoint:
+    # OmniGen2 with a double-stream stage; detection reads the sizes and depths from the keys, heads and rotary
+    # axes are full-size constants.
+    keys = {"x_embedder.weight": (64, 16 * 2 * 2), "time_caption_embed.caption_embedder.0.weight": (CONTEXT_DIM,),
+            "double_stream_layers.0.img_instruct_attn.processor.img_to_q.weight": (64, 64),
+            "double_stream_layers.1.img_instruct_attn.processor.img_to_q.weight": (64, 64),
+            "noise_refiner.0.attn.norm_q.weight": (32,)}
+    keys.update(_blocks("single_stream_layers.{}.attn.norm_q.weight", 2, (32,)))
+    return TinyCheckpoint("Boogu", keys, {
+        "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16, "axes_dim_rope": [8, 12, 12],
+        "axes_lens": [64, 64, 64]})
 
 
 def _unet(expected: str, linear: bool, adm: Optional[int] = None) -> TinyCheckpoint:
@@ -371,6 +422,8 @@ def _pid() -> TinyCheckpoint:
                  "lq_proj.gate_modules.0.content_proj.weight": (hidden, 2 * hidden),
                  "lq_proj.gate_modules.0.log_alpha": (), "pit_lq_gate.content_proj.weight": (hidden, 2 * hidden)})
     return TinyCheckpoint("PiD", keys, dict(_PIXELDIT_SIZES, lq_num_res_blocks=1, lq_interval=2))
+
+
 def _minimax_h3(hidden: int = 64, head_dim: int = 32, depth: int = 2) -> TinyCheckpoint:
     """MiniMax H3 (single-stream audio+video DiT): detection reads every size from the shapes.
 
@@ -454,6 +507,12 @@ FAMILY_KINDS = {
     "ideogram4": Kind(_ideogram4(), (128, 8, 8), 40, {}),
     # Krea 2: Wan 2.1 latents (16 channels, one frame)
     "krea2": Kind(_krea2(), (16, 1, 16, 16), 40, {}),
+    "longcat_image": Kind(_longcat_image(), (16, 16, 16), 48, {}),
+    "mage_flow": Kind(_mage_flow(), (128, 8, 8), 34, {}),
+    # pixel space: RGB, 8 x 10 patches of 4 x 4 pixels
+    "z_image_pixel": Kind(_z_image_pixel(), (3, 32, 40), 40, {}),
+    "z_image_pixel_omni": Kind(_z_image_pixel(siglip=True), (3, 32, 40), 40, {}),
+    "boogu": Kind(_boogu(), (16, 16, 16), 35, {}),
 }
 
 # Models TACA refuses, built for the error-path tests (never sampled).
@@ -658,8 +717,8 @@ def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens:
     if lq_latent is not None:
         options["lq_latent"] = torch.randn((1,) + tuple(lq_latent), generator=torch.Generator().manual_seed(11))
         options["degrade_sigma"] = torch.tensor([float(degrade_sigma)])
-    if tiny.kind == "omnigen2" and "attention_mask" not in extra_cond:
-        # OmniGen2's extra_conds takes num_tokens from the text encoder's attention mask
+    if tiny.kind in ("omnigen2", "boogu") and "attention_mask" not in extra_cond:
+        # OmniGen2's (and Boogu's) extra_conds takes num_tokens from the text encoder's attention mask
         options["attention_mask"] = torch.ones(batch, cond[0][0].shape[1], dtype=torch.long)
     options.update(extra_cond)
     return cond

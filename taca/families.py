@@ -221,12 +221,16 @@ def _joyimage_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any])
     # Conv3d patch embedder; the references follow the target image and are visual tokens too.
     patch = diffusion_model.patch_size
     return sum(_ceil_tokens(lat.shape[2:], patch) for lat in [x, *_latent_list(conds.get("ref_latents"))])
+
+
 def _pixeldit_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
     # PixelDiT / PiD keep at most txt_max_length (300) caption tokens: the model cuts a longer context there.
     # ComfyUI's Gemma-2 encoder hands exactly 300 (padding included; the model ignores the attention mask).
     tokens = _context_tokens(diffusion_model, context, conds)
     limit = getattr(diffusion_model, "txt_max_length", None)
     return tokens if limit is None else min(tokens, int(limit))
+
+
 def _minimax_h3_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
     # MiniMax H3 packs [text | keyframe condition rows or reference blocks | audio | video]; everything after the
     # text is visual.  x is the sampler's flat pack of the video and audio latents, "latent_shapes" their shapes;
@@ -281,6 +285,46 @@ def _krea2_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) ->
     method = conds.get("ref_latents_method", getattr(diffusion_model, "default_ref_method", None))
     if method is not None:
         tokens += sum(_ceil_tokens(ref.shape[-2:], patch) for ref in _latent_list(conds.get("ref_latents")))
+    return tokens
+
+
+def _zimage_omni(conds: Dict[str, Any]) -> bool:
+    # Z-Image's "omni" path (reference images) runs whenever the call carries reference latents.
+    return len(_latent_list(conds.get("ref_latents"))) > 0
+
+
+def _zimage_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # Z-Image (the pixel-space model assembles its tokens as Z-Image does): every caption segment is padded to the
+    # model's pad_tokens_multiple and all of them are concatenated before the image side.  Omni (reference
+    # images): one caption per reference (its reference_latents_text_embeds entry, or a segment of pad tokens
+    # where there is none), the prompt's own caption, and the text embeds left over after the references.
+    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
+    tokens = _round_up(_context_tokens(diffusion_model, context, conds), multiple)
+    if not _zimage_omni(conds):
+        return tokens
+    refs = _latent_list(conds.get("ref_latents"))
+    ref_contexts = _latent_list(conds.get("ref_contexts"))
+    for i in range(len(refs)):
+        tokens += _round_up(int(ref_contexts[i].shape[1]), multiple) if i < len(ref_contexts) else int(multiple or 0)
+    return tokens + sum(_round_up(int(c.shape[1]), multiple) for c in ref_contexts[len(refs):])
+
+
+def _zimage_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # The image patches (padded to pad_tokens_multiple); omni: each reference image's patches (padded) before
+    # them, and, on a model with a SigLIP embedder, the SigLIP tokens of each reference (a segment of pad tokens
+    # where a reference has none, and one for the image itself), which sit between the captions and the patches.
+    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
+    tokens = _round_up(_plane_tokens(diffusion_model, [x]), multiple)
+    if not _zimage_omni(conds):
+        return tokens
+    refs = _latent_list(conds.get("ref_latents"))
+    tokens += sum(_round_up(_plane_tokens(diffusion_model, [r]), multiple) for r in refs)
+    if getattr(diffusion_model, "siglip_embedder", None) is not None:
+        siglip = _latent_list(conds.get("siglip_feats"))
+        pad = int(multiple or 0) if getattr(diffusion_model, "siglip_pad_token", None) is not None else 0
+        for i in range(len(refs)):
+            tokens += _round_up(int(siglip[i].shape[1]) * int(siglip[i].shape[2]), multiple) if i < len(siglip) else pad
+        tokens += pad  # the image's own SigLIP slot holds pad tokens
     return tokens
 
 
@@ -455,6 +499,43 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_krea2_visual_tokens,
         text_side="the Qwen3-VL tokens after the model's text-fusion blocks; reference latents count as image "
                   "tokens",
+    ),
+    # The four below are subclasses of supported classes with the same joint layout as their parent, each with its
+    # own entry for its own text encoder (matching is by exact class name).
+    ModelFamily(
+        name="LongCat-Image (and LongCat-Image-Edit)",
+        model_classes=("LongCatImage",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_flux_visual_tokens,
+        text_side="Qwen2.5-VL tokens, the prompt padded to 512 (Edit: including the vision tokens of the input "
+                  "image); reference latents count as image tokens",
+    ),
+    ModelFamily(
+        name="Mage-Flow",
+        model_classes=("MageFlow",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_with_ref_latents_visual_tokens,
+        text_side="Qwen3-VL tokens (Edit: including the vision tokens of the input images); reference latents "
+                  "count as image tokens",
+    ),
+    ModelFamily(
+        name="Z-Image pixel space",
+        model_classes=("ZImagePixelSpace",),
+        text_first=True,
+        count_text=_zimage_text_tokens,
+        count_visual=_zimage_visual_tokens,
+        text_side="the Qwen3 caption tokens with the model's pad tokens (Omni: every reference's text segment "
+                  "too); reference images and their SigLIP tokens count as image tokens",
+    ),
+    ModelFamily(
+        name="Boogu-Image",
+        model_classes=("Boogu",),
+        text_first=True,
+        count_text=_context_tokens,
+        count_visual=_with_ref_latents_visual_tokens,
+        text_side="the Qwen3-VL tokens; reference images count as image tokens",
     ),
 )
 

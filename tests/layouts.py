@@ -21,10 +21,12 @@ from devtools.sampling import one_step
 from harness import installed_override, with_override
 
 # conditioning keys whose tensors are token sequences on the text side of the families we build
-TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small")
+TEXT_SIDE_KEYS = ("conditioning_llama3", "conditioning_byt5small", "reference_latents_text_embeds")
+# and those holding visual inputs (reference and condition latents)
 VISUAL_KEYS = (
     "reference_latents",
     "ref_latent",
+    "clip_vision_outputs",  # Z-Image omni: SigLIP features of the reference images
     "lq_latent",  # PiD: the latent it decodes
     "minimax_keyframes",  # MiniMax H3: lists of dicts holding condition latents
     "minimax_refs",

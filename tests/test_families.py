@@ -1,6 +1,9 @@
 """Every joint-attention family (FLUX.1, Flux.2, Chroma, SD3/SD3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1,
 Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, Lens, JoyImage(-Edit), CogVideoX), patched through the
 node against the same model run with a float64 reference attention, and the cross-attention families TACA refuses.
+Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, LongCat-Image, Mage-Flow, Z-Image pixel space, Boogu-Image),
+patched through the node against the same model run with a float64 reference attention, and the cross-attention
+families TACA refuses.
 
 Each case builds a tiny random-weight model with ComfyUI's own classes and runs it through ComfyUI's sampler.
 Where the text sits in the joint attention (its order and span) is observed on the running ComfyUI
@@ -187,6 +190,43 @@ CASES = {
                       40, 128, {(2, 2), (40, 40)}, 2),
     # Without a reference method Krea 2 ignores the reference latents: the joint sequence is text + image only.
     "krea2_ref_ignored": Case("krea2", {"reference_latents": "qwen_ref"}, 40, 104, {(2, 2), (40, 40)}, 2),
+    # LongCat-Image (FLUX.1 blocks, no guidance or pooled vector): [48 text | (16/2)^2 = 64 image]; 2 double +
+    # 2 single blocks.
+    "longcat_image": Case("longcat_image", {}, 48, 112, set(), 4),
+    # LongCat-Image-Edit: a 12x8 reference latent adds 6 x 4 = 24 visual tokens after the image.
+    "longcat_image_edit": Case("longcat_image", {"reference_latents": "kontext_ref"}, 48, 136, set(), 4),
+    # Mage-Flow (Qwen-Image blocks, patch 1 over the 128-channel latent): [34 text | 8 x 8 = 64 image]; 2 blocks.
+    "mage_flow": Case("mage_flow", {}, 34, 98, set(), 2),
+    # Mage-Flow edit: a 128 x 6 x 4 reference latent adds 24 visual tokens after the image.
+    "mage_flow_edit": Case("mage_flow", {"reference_latents": "mage_ref"}, 34, 122, set(), 2),
+    # Mage-Flow with a text padding mask (last 6 of 34 tokens masked): the model adds it to the joint logits as
+    # -finfo.max over the masked text keys, after TACA's scaling.
+    "mage_flow_masked": Case("mage_flow", {"attention_mask": "mage_mask"}, 34, 98, set(), 2),
+    # Z-Image pixel space (pad_tokens_multiple=32): 40 caption + 24 pad = 64 | (32/4) x (40/4) = 80 patches + 16 pad
+    # = 96; context refiner (64) and noise refiner (96) untouched.
+    "z_image_pixel": Case("z_image_pixel", {}, 64, 160, {(64, 64), (96, 96)}, 2),
+    # Z-Image's omni path (reference images): one 16x16 reference image with text embeds of 5 tokens and 6 tokens
+    # left over. Text: 5 + 27 pad (reference) + 64 (prompt) + 6 + 26 pad (left over) = 128; visual: 4 x 4 = 16 +
+    # 16 pad (reference) + 96 = 128. Context refiner over the 128 text tokens, noise refiner over the 128 patches.
+    # Batch 1 at cfg 1: ComfyUI's omni path builds the left-over text's rotary table for the call's batch and the
+    # others for one.
+    "z_image_pixel_refs": Case("z_image_pixel", {"reference_latents": "pixel_ref",
+                                                 "reference_latents_text_embeds": "pixel_ref_texts"},
+                               128, 256, {(128, 128)}, 2, batch=1, cfg=1.0),
+    # The same on a model with a SigLIP embedder, the reference's SigLIP output a 3 x 5 grid: the SigLIP tokens sit
+    # between the text and the patches and count as visual: 15 + 17 pad (reference) + 32 pad (the image's own
+    # slot) = 64, so visual 64 + 128 = 192; the SigLIP refiner runs over those 64.
+    "z_image_pixel_omni": Case("z_image_pixel_omni", {"reference_latents": "pixel_ref",
+                                                      "reference_latents_text_embeds": "pixel_ref_texts",
+                                                      "clip_vision_outputs": "pixel_siglip"},
+                               128, 320, {(128, 128), (64, 64)}, 2, batch=1, cfg=1.0),
+    # Boogu: [35 text | 64 image]; 2 double-stream + 2 single-stream joint calls; context (35) and noise (64)
+    # refiners, and the double-stream blocks' image-only self-attention (64), untouched.
+    "boogu": Case("boogu", {}, 35, 99, {(35, 35), (64, 64)}, 4, batch=1),
+    # Boogu edit: [35 text | 24 reference + 64 image]; the reference refiner (24) and the image-only
+    # self-attention over reference + image (88) untouched.
+    "boogu_edit": Case("boogu", {"reference_latents": "omnigen_ref"}, 35, 123,
+                       {(35, 35), (24, 24), (64, 64), (88, 88)}, 4, batch=1),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -212,11 +252,42 @@ def _minimax_refs():
              "latent": torch.randn(1, 24, 1, 4, 4, generator=g), "audio_latent": torch.randn(1, 32, 2, 3, generator=g)}]
 
 
+def _mage_mask():
+    mask = torch.ones(1, 34, dtype=torch.long)
+    mask[:, 28:] = 0
+    return mask
+
+
+def _mage_ref():
+    return torch.randn(1, 128, 6, 4, generator=torch.Generator().manual_seed(7))
+
+
+def _pixel_ref():
+    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+def _pixel_ref_texts():
+    g = torch.Generator().manual_seed(8)
+    return [torch.randn(1, 5, tm.CONTEXT_DIM, generator=g), torch.randn(1, 6, tm.CONTEXT_DIM, generator=g)]
+
+
+class _SiglipOutput(NamedTuple):  # what a CLIP vision encode hands Z-Image Omni (the fields its extra_conds reads)
+    last_hidden_state: torch.Tensor
+    image_sizes: list
+
+
+def _pixel_siglip():
+    g = torch.Generator().manual_seed(9)
+    return [_SiglipOutput(torch.randn(1, 3 * 5, tm.VISION_DIM, generator=g), [(3, 3 * 16, 5 * 16)])]
+
+
 _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_ref": lambda: [_omnigen_ref()],
            "hunyuan_ref": _hunyuan_ref, "kontext_ref": lambda: [_kontext_ref()],
            "joyimage_ref": lambda: [_joyimage_ref()],
            "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs,
-           "cogvideox_image": _cogvideox_image, "timestep_zero_method": lambda: "index_timestep_zero"}
+           "cogvideox_image": _cogvideox_image, "timestep_zero_method": lambda: "index_timestep_zero",
+           "mage_ref": lambda: [_mage_ref()], "mage_mask": _mage_mask, "pixel_ref": lambda: [_pixel_ref()],
+           "pixel_ref_texts": _pixel_ref_texts, "pixel_siglip": _pixel_siglip}
 
 
 def setup(case: Case):
@@ -371,6 +442,10 @@ SIGMA_GATED = [
     "minimax_h3",
     "ideogram4",
     "krea2",
+    "longcat_image",
+    "mage_flow",
+    "z_image_pixel",
+    "boogu",
 ]
 
 
@@ -430,6 +505,8 @@ def test_hunyuan_video_sampled_through_comfy_sample(pack_nodes):
     ("sdxl", "SDXL"), ("wan21", "WAN21"), ("wan21_vace", "WAN21_Vace"), ("wan22", "WAN22"), ("pixart", "PixArt"),
     ("hunyuan_dit", "HunyuanDiT"), ("cosmos_predict2", "CosmosPredict2"),
 ])
+
+
 def test_cross_attention_models_are_told_why_taca_does_not_apply(pack_nodes, kind, class_name):
     patcher = tm.build_cross_attention(kind)
     assert type(patcher.model).__name__ == class_name
@@ -459,6 +536,8 @@ def _uninitialised(class_name: str):
 # with classes every tested ComfyUI has, so the list is never empty
 @pytest.mark.parametrize("class_name", [c for c in ["SDXL", "WAN21", "LTXV"] + NEW_CROSS_ATTENTION
                                         if hasattr(comfy.model_base, c)])
+
+
 def test_cross_attention_classes_are_told_why(class_name):
     from taca import families
 

@@ -34,6 +34,11 @@ EXPECTED = {
     "cogvideox_fun_inpaint": "CogVideoX_Inpaint",
     "ideogram4": "Ideogram4",
     "krea2": "Krea2",
+    "longcat_image": "LongCatImage",
+    "mage_flow": "MageFlow",
+    "z_image_pixel": "ZImagePixelSpace",
+    "z_image_pixel_omni": "ZImagePixelSpace",
+    "boogu": "Boogu",
     # refused ones
     "sd15": "SD15", "hunyuan3d": "Hunyuan3Dv2", "sdxl": "SDXL", "wan21": "WAN21_T2V", "wan21_vace": "WAN21_Vace",
     "wan22": "WAN22_T2V", "pixart": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "cosmos_predict2": "CosmosT2IPredict2",
