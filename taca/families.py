@@ -198,18 +198,6 @@ def _round_up(n: int, multiple: Any) -> int:
     return n + (-n) % int(multiple)
 
 
-def _lumina_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
-    # Lumina 2 / Z-Image: the caption tokens as the conditioning holds them (padded by the text encoder;
-    # padding kept, as the model keeps it), padded with the model's pad token when it sets pad_tokens_multiple.
-    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
-    return _round_up(_context_tokens(diffusion_model, context, conds), multiple)
-
-
-def _lumina_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
-    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
-    return _round_up(_plane_tokens(diffusion_model, [x]), multiple)
-
-
 def _lens_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
     # Lens: every position of the Flux.2 latent is one token (the VAE latent is already patchified; the model's
     # patch_size only shapes its output projection).
@@ -294,8 +282,8 @@ def _zimage_omni(conds: Dict[str, Any]) -> bool:
 
 
 def _zimage_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
-    # Z-Image (the pixel-space model assembles its tokens as Z-Image does): every caption segment is padded to the
-    # model's pad_tokens_multiple and all of them are concatenated before the image side.  Omni (reference
+    # Lumina 2 / Z-Image (and the pixel-space Z-Image, which assembles its tokens the same way): every caption
+    # segment is padded to the model's pad_tokens_multiple and all of them are concatenated before the image side.  Omni (reference
     # images): one caption per reference (its reference_latents_text_embeds entry, or a segment of pad tokens
     # where there is none), the prompt's own caption, and the text embeds left over after the references.
     multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
@@ -423,9 +411,11 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         name="Lumina 2 / Z-Image",
         model_classes=("Lumina2",),
         text_first=True,
-        count_text=_lumina_text_tokens,
-        count_visual=_lumina_visual_tokens,
-        text_side="the caption tokens, padding included as the model keeps it",
+        # Lumina 2 sets no pad tokens and takes no reference images: its caption and its image, as they are
+        count_text=_zimage_text_tokens,
+        count_visual=_zimage_visual_tokens,
+        text_side="the caption tokens, padding included as the model keeps it (Z-Image: its pad tokens; Z-Image "
+                  "Omni: every reference's text segment too); reference images count as image tokens",
         untouched="the context and noise refiners",
     ),
     ModelFamily(
