@@ -7,7 +7,7 @@ a clone), and ComfyUI's own ``wrap_attn`` calls them.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -73,12 +73,14 @@ class ReferenceTacaAttention:
     ``layouts`` maps a joint sequence length to its text span (start, stop): the test's own reading of the model
     it built (observed with ``layouts.observe_joint_layout``, or known from the inputs it fed); self-attention
     calls of any other length go to ComfyUI's kernel.  With ``threshold`` set, the reference acts only while the
-    call's sigma >= threshold (eq. 11), so whole sampler runs can be compared.  ``post`` is applied to the output
+    call's sigma >= threshold (eq. 11), so whole sampler runs can be compared; a callable ``threshold`` is asked
+    instead, with the call's sigma (a test's own reading of eq. 11 on a discrete-time model).  ``post`` is applied to the output
     of every call (to model a composed override).  ``listing2=True`` scales the text keys for every query (the
     paper's listing 2, 'selective').  Counters: ``joint_calls`` per length, ``other_calls`` as (q length, k length).
     """
 
-    def __init__(self, layouts: Dict[int, Tuple[int, int]], gamma: float, threshold: Optional[float] = None,
+    def __init__(self, layouts: Dict[int, Tuple[int, int]], gamma: float,
+                 threshold: Union[float, Callable[[float], bool], None] = None,
                  post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, listing2: bool = False):
         self.layouts = {int(n): (int(a), int(b)) for n, (a, b) in layouts.items()}
         self.gamma = gamma
@@ -98,8 +100,8 @@ class ReferenceTacaAttention:
         n = q.shape[seq_dim]
         active = True
         if self.threshold is not None:
-            sigmas = kwargs["transformer_options"].get("sigmas")
-            active = float(sigmas.max()) >= self.threshold
+            sigma = float(kwargs["transformer_options"].get("sigmas").max())
+            active = self.threshold(sigma) if callable(self.threshold) else sigma >= self.threshold
         if n not in self.layouts or k.shape[seq_dim] != n or not active:
             self.other_calls.append((n, k.shape[seq_dim]))
             return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,

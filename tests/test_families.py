@@ -28,7 +28,9 @@ import comfy.model_base
 import comfy.sample
 import comfy.samplers
 import comfy.supported_models
+import comfyui_version
 from devtools import tiny_models as tm
+from devtools.comfy_runtime import version_key
 from devtools.sampling import one_step
 from harness import GAMMA, AttentionSpy, ReferenceTacaAttention, installed_override, rel_diff, taca, with_override
 from layouts import observe_joint_layout
@@ -50,6 +52,7 @@ class Case(NamedTuple):
     moves: int = 30  # TACA moves the output at least this many tolerances away from the plain model's
     sigma: Union[float, str, None] = None  # of the step; None: 1.0; "max": the model's model_sampling.sigma_max
     sampler: str = "euler"  # a KSampler name, or "void": ComfyUI's VOIDSampler (CogVideoX's DDIM, no noise scaling)
+    since: Optional[str] = None  # the first tested ComfyUI whose model takes the case's inputs
 
 
 def _qwen_ref():
@@ -131,6 +134,12 @@ CASES = {
     "lumina2": Case("lumina2", {}, 38, 102, {(38, 38), (64, 64)}, 2),
     # Z-Image with pad_tokens_multiple=32: 37 caption tokens + 27 pad = 64 | 7 x 9 = 63 image + 1 pad = 64.
     "z_image": Case("z_image", {}, 64, 128, {(64, 64)}, 2),
+    # Z-Image Omni (ComfyUI 0.33.0 passes reference latents to Z-Image): a 16-channel 8x8 reference with 5 text-embed
+    # tokens and 6 left over. Text: 5 + 27 pad (reference) + 37 + 27 pad (prompt) + 6 + 26 pad (left over) = 128;
+    # visual: (8/2)^2 = 16 + 16 pad (reference) + 63 + 1 pad (image) = 96; the refiners run over each side alone.
+    "z_image_omni": Case("z_image", {"reference_latents": "z_image_ref",
+                                     "reference_latents_text_embeds": "pixel_ref_texts"},
+                         128, 224, {(128, 128), (96, 96)}, 2, batch=1, cfg=1.0, since="0.33.0"),
     # OmniGen2: [35 text | 24 reference + 64 image]; context (35), ref-image (24) and noise (64) refiners untouched.
     "omnigen2": Case("omnigen2", {"reference_latents": "omnigen_ref"}, 35, 123, {(35, 35), (24, 24), (64, 64)},
                      2, batch=1),
@@ -230,7 +239,8 @@ CASES = {
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
-AVAILABLE = [name for name, case in CASES.items() if tm.available(case.kind)]
+AVAILABLE = [name for name, case in CASES.items() if tm.available(case.kind)
+             and (case.since is None or version_key(comfyui_version.__version__) >= version_key(case.since))]
 
 
 def _text_mask():
@@ -266,6 +276,10 @@ def _pixel_ref():
     return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 
 
+def _z_image_ref():
+    return [torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))]
+
+
 def _pixel_ref_texts():
     g = torch.Generator().manual_seed(8)
     return [torch.randn(1, 5, tm.CONTEXT_DIM, generator=g), torch.randn(1, 6, tm.CONTEXT_DIM, generator=g)]
@@ -287,7 +301,7 @@ _MAKERS = {"text_mask": _text_mask, "qwen_ref": lambda: [_qwen_ref()], "omnigen_
            "minimax_keyframe": _minimax_keyframe, "minimax_refs": _minimax_refs,
            "cogvideox_image": _cogvideox_image, "timestep_zero_method": lambda: "index_timestep_zero",
            "mage_ref": lambda: [_mage_ref()], "mage_mask": _mage_mask, "pixel_ref": lambda: [_pixel_ref()],
-           "pixel_ref_texts": _pixel_ref_texts, "pixel_siglip": _pixel_siglip}
+           "pixel_ref_texts": _pixel_ref_texts, "z_image_ref": _z_image_ref, "pixel_siglip": _pixel_siglip}
 
 
 def setup(case: Case):
@@ -501,6 +515,45 @@ def test_hunyuan_video_sampled_through_comfy_sample(pack_nodes):
     assert untouched == set(range(8)) - set(taca_steps)
 
 
+@pytest.mark.skipif(not tm.available("cogvideox"), reason="CogVideoX is newer than this ComfyUI")
+def test_cogvideox_threshold_is_on_the_models_own_timestep(pack_nodes):
+    """CogVideoX is a discrete-time model: its sigmas run from about 4519 down, so eq. 11's t >= 970 is read on
+    the timestep ComfyUI's model_sampling maps each sigma to, not on the raw sigma (>= 0.97 on almost every step).
+    20 steps of the simple schedule through ComfyUI's sampler (VOIDSampler's DDIM, as CogVideoX workflows run it):
+    TACA splits the joint calls on exactly the steps with t >= 970, and the run equals the float64 reference gated
+    the same way."""
+    from comfy_extras.nodes_void import VOID_DDIM
+
+    from devtools.sampling import sample_sigmas
+
+    case = CASES["cogvideox"]
+    tiny, positive, negative, latent = setup(case)
+    model_sampling = tiny.patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", 20).cpu()
+
+    def timestep(sigma: float) -> int:
+        return int(model_sampling.timestep(torch.tensor([sigma])).item())
+
+    taca_steps = [i for i, s in enumerate(sigmas[:-1].tolist()) if timestep(s) >= 970]
+    raw_sigma_steps = [i for i, s in enumerate(sigmas[:-1].tolist()) if s >= 0.97]
+    assert taca_steps == [0] and len(raw_sigma_steps) > 10  # the rule matters on this schedule
+
+    def run(model):
+        return sample_sigmas(model, positive, negative, latent, sigmas, cfg=case.cfg, seed=3, sampler=VOID_DDIM())
+
+    patched = taca(pack_nodes, with_override(tiny.patcher, AttentionSpy()))
+    out = run(patched)
+    spy = installed_override(patched)
+    reference = ReferenceTacaAttention(joint_layout("cogvideox"), GAMMA, threshold=lambda s: timestep(s) >= 970)
+    ref = run(with_override(tiny.patcher, reference))
+    plain = run(tiny.patcher)
+    assert rel_diff(out, ref) <= TOLERANCE
+    assert rel_diff(out, plain) > 10 * TOLERANCE  # one TACA step of 20 (measured 1.8e-3)
+    step_of_sigma = {round(s, 3): i for i, s in enumerate(sigmas[:-1].tolist())}
+    split = {step_of_sigma[round(c[0], 3)] for c in spy.calls if c[2] == case.length and c[1] != case.length}
+    assert sorted(split) == taca_steps
+
+
 @pytest.mark.parametrize("kind,class_name", [
     ("sdxl", "SDXL"), ("wan21", "WAN21"), ("wan21_vace", "WAN21_Vace"), ("wan22", "WAN22"), ("pixart", "PixArt"),
     ("hunyuan_dit", "HunyuanDiT"), ("cosmos_predict2", "CosmosPredict2"),
@@ -592,7 +645,21 @@ def test_every_model_base_class_is_placed():
     assert not set(families.CROSS_ATTENTION_MODELS) & {c for f in families.FAMILIES for c in f.model_classes}
 
 
-@pytest.mark.parametrize("kind", ["hunyuan_video_skyreels", "hunyuan_video15_sr", "hunyuan_image21_refiner"])
+SUBCLASS_KINDS = ["hunyuan_video_skyreels", "hunyuan_video15_sr", "hunyuan_image21_refiner"]
+
+
+def test_every_supported_class_of_this_comfyui_is_sampled_against_the_reference():
+    """Each model class the family table supports, where this ComfyUI has it, is the class of a tiny model some
+    forward test above compares with the float64 reference (the case table or the subclass test)."""
+    from taca import families
+
+    supported = {c for f in families.FAMILIES for c in f.model_classes if hasattr(comfy.model_base, c)}
+    kinds = {CASES[name].kind for name in AVAILABLE} | set(SUBCLASS_KINDS)
+    tested = {type(tm.build(kind).patcher.model).__name__ for kind in kinds}
+    assert supported - tested == set()
+
+
+@pytest.mark.parametrize("kind", SUBCLASS_KINDS)
 def test_supported_subclasses_patch_and_match_the_reference(pack_nodes, kind):
     """Subclasses claimed supported: same forward (only the concatenated channels or the timestep input differ)."""
     tiny = tm.build(kind)
