@@ -21,10 +21,11 @@ EXPECTED = {
     "hunyuan_video15": "HunyuanVideo15", "hunyuan_video15_sr": "HunyuanVideo15_SR_Distilled",
     "hunyuan_image21": "HunyuanImage21", "hunyuan_image21_refiner": "HunyuanImage21Refiner",
     "chroma_radiance": "ChromaRadiance", "qwen_image": "QwenImage", "hidream": "HiDream", "lumina2": "Lumina2",
-    "z_image": "ZImage", "omnigen2": "Omnigen2",
+    "z_image": "ZImage", "omnigen2": "Omnigen2", "hidream_o1": "HiDreamO1",
     # refused ones
     "sd15": "SD15", "hunyuan3d": "Hunyuan3Dv2", "sdxl": "SDXL", "wan21": "WAN21_T2V", "wan21_vace": "WAN21_Vace",
     "wan22": "WAN22_T2V", "pixart": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "cosmos_predict2": "CosmosT2IPredict2",
+    "ernie_image": "ErnieImage", "seedvr2": "SeedVR2",
 }
 # ComfyUI matches the UNet classes on full-size channel counts and depths, which no tiny UNet has: their detected
 # config goes to the class directly.
