@@ -193,6 +193,18 @@ def _hidream() -> TinyCheckpoint:
         "num_activated_experts": 1, "axes_dims_rope": [16, 8, 8], "max_resolution": [32, 32], "llama_layers": [0, 1]})
 
 
+def _hidream_o1() -> TinyCheckpoint:
+    # Detection reads only that the checkpoint is HiDream-O1; every size is a constant of the full-size model (the
+    # Qwen3-VL-8B decoder and vision tower). Grouped-query attention as in the real model (32 heads, 8 K/V heads); the
+    # vocabulary keeps its real size, as the chat template's special tokens reach id 151673.
+    return TinyCheckpoint("HiDreamO1", {"t_embedder1.mlp.0.weight": (64, 256), "x_embedder.proj1.weight": (16, 3072)}, {
+        "text_config_overrides": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                  "rope_dims": [4, 2, 2]},
+        "vision_config_overrides": {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "depth": 1,
+                                    "num_position_embeddings": 64}})
+
+
 def _lumina2() -> TinyCheckpoint:
     keys = {"cap_embedder.1.weight": (64, CONTEXT_DIM), "noise_refiner.0.attention.k_norm.weight": (32,)}
     keys.update(_blocks("layers.{}.ffn_norm1.weight", 2, (64,)))
@@ -439,6 +451,19 @@ def _minimax_h3(hidden: int = 64, head_dim: int = 32, depth: int = 2) -> TinyChe
     keys.update(_blocks("blocks.{}.attn.q_norm.weight", depth, (head_dim,)))
     keys.update(_blocks("blocks.{}.mlp.fc1.weight", depth, (2 * 2 * hidden, hidden)))
     return TinyCheckpoint("MiniMaxH3", keys)
+def _ernie_image() -> TinyCheckpoint:
+    # ERNIE-Image: detection reads only that the checkpoint is ERNIE-Image; every size is a full-size constant.
+    return TinyCheckpoint("ErnieImage", {"layers.0.mlp.linear_fc2.weight": (64, 128)}, {
+        "hidden_size": 64, "num_attention_heads": 2, "num_layers": 1, "ffn_hidden_size": 128,
+        "text_in_dim": CONTEXT_DIM, "rope_axes_dim": (8, 12, 12)})
+
+
+def _seedvr2() -> TinyCheckpoint:
+    # SeedVR2 3B, recognised by its 32nd block (so the tiny model keeps 32 blocks) and its stored text embeddings.
+    return TinyCheckpoint("SeedVR2", {
+        "blocks.31.mlp.all.proj_in_gate.weight": (256, 64), "positive_conditioning": (58, 5120),
+        "negative_conditioning": (64, 5120),
+    }, {"vid_dim": 64, "heads": 2, "head_dim": 32, "rope_dim": 16})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -484,6 +509,9 @@ FAMILY_KINDS = {
     "qwen_image": Kind(_qwen_image(), (16, 1, 16, 16), 34, {}),
     "hidream": Kind(_hidream(), (16, 16, 16), 36, {"pooled_output": 24}),
     "lumina2": Kind(_lumina2(), (16, 16, 16), 38, {}),
+    # HiDream-O1: pixel space (no VAE), cut in 32 x 32 patches: 128 x 96 pixels = 4 x 3 image tokens; the conditioning
+    # holds token ids (24 prompt tokens in the chat template), which the model embeds itself
+    "hidream_o1": Kind(_hidream_o1(), (3, 128, 96), 24, {}),
     "z_image": Kind(_z_image(), (16, 14, 18), 37, {}),
     "omnigen2": Kind(_omnigen2(), (16, 16, 16), 35, {}),
     "lens": Kind(_lens(), (128, 8, 8), 40, {}),
@@ -520,6 +548,9 @@ UNSUPPORTED = {
     "sd15": _unet("SD15", linear=False),
     # a joint-attention model TACA does not support (the generic "not supported" error path)
     "hunyuan3d": _hunyuan3d(),
+    # joint text+image attention that TACA's attention override cannot reach
+    "ernie_image": _ernie_image(),
+    "seedvr2": _seedvr2(),
 }
 # Models whose text enters through cross-attention, one tiny model per model_base class.
 CROSS_ATTENTION_KINDS = {
@@ -690,6 +721,22 @@ def family_latent(tiny: TinyModel, batch: int = 1, shape: Optional[tuple] = None
     return comfy.nested_tensor.NestedTensor((video, torch.zeros((batch,) + tuple(audio_shape))))
 
 
+# Qwen's vocabulary: the ids from here on are special tokens (chat template, vision markers, HiDream-O1's <|tms|>).
+QWEN_SPECIAL_IDS_FROM = 151643
+
+
+def hidream_o1_input_ids(words: int, generator: torch.Generator) -> torch.Tensor:
+    """(1, words + 10) token ids as ComfyUI's HiDream-O1 tokenizer writes them: ``words`` random ordinary ids in its
+    chat template <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<|boi|><|tms|>."""
+    from comfy.text_encoders import hidream_o1 as te  # ComfyUI versions without HiDream-O1 never get here
+
+    prompt = torch.randint(0, QWEN_SPECIAL_IDS_FROM, (words,), generator=generator).tolist()
+    ids = ([te.IM_START_ID, te.USER_ID, te.NEWLINE_ID] + prompt + [te.IM_END_ID, te.NEWLINE_ID, te.IM_START_ID,
+                                                                    te.ASSISTANT_ID, te.NEWLINE_ID, te.BOI_TOKEN_ID,
+                                                                    te.TMS_TOKEN_ID])
+    return torch.tensor([ids], dtype=torch.long)
+
+
 class _VisionOutput(NamedTuple):  # what CLIPVisionEncode hands HunyuanVideo 1.5 (only last_hidden_state is read)
     last_hidden_state: torch.Tensor
 
@@ -717,6 +764,11 @@ def family_conditioning(tiny: TinyModel, seed: int, batch: int = 1, text_tokens:
     if lq_latent is not None:
         options["lq_latent"] = torch.randn((1,) + tuple(lq_latent), generator=torch.Generator().manual_seed(11))
         options["degrade_sigma"] = torch.tensor([float(degrade_sigma)])
+    if tiny.kind == "hidream_o1":
+        # The token ids go to the model (text_input_ids); the context is the text encoder's stand-in, the ids as floats.
+        ids = hidream_o1_input_ids(text_tokens or tiny.text_tokens, g)
+        options["text_input_ids"] = ids
+        cond[0][0] = ids.unsqueeze(-1).float().expand(batch, -1, -1).contiguous()
     if tiny.kind in ("omnigen2", "boogu") and "attention_mask" not in extra_cond:
         # OmniGen2's (and Boogu's) extra_conds takes num_tokens from the text encoder's attention mask
         options["attention_mask"] = torch.ones(batch, cond[0][0].shape[1], dtype=torch.long)

@@ -8,7 +8,8 @@ Notation: the joint sequence holds N tokens, the text tokens occupy the
 contiguous span ``[text.start, text.stop)`` and every other token is visual.
 TACA multiplies the logits q_i.k_j/sqrt(d) of visual queries i and text keys j
 by gamma; additive masks are added after that scaling and boolean masks keep
-their meaning.
+their meaning.  An attention call usually holds every query row of the joint
+sequence; for a ``VisualRowsSpan`` it holds only the visual ones.
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ class TextSpan(NamedTuple):
         """The visual token ranges, in sequence order (one, or two if text sits in the middle)."""
         pieces = [(0, self.start), (self.stop, self.length)]
         return [(a, b) for a, b in pieces if b > a]
+
+    @property
+    def query_rows(self) -> int:
+        """How many query rows the layout's attention call holds: every token of the sequence."""
+        return self.length
+
+
+class VisualRowsSpan(TextSpan):
+    """A joint layout whose attention call holds only the visual query rows, in sequence order, against every key.
+
+    The model computes the text rows elsewhere (HiDream-O1 runs them as a causal text pass of their own).  As
+    every query row of such a call is visual, eq. 10 is the call itself with the text keys multiplied by gamma.
+    """
+
+    __slots__ = ()
+
+    @property
+    def query_rows(self) -> int:
+        return self.length - self.text_tokens
 
 
 # Who may write into K, the caller's choice (see ``scaled_text_keys``):
@@ -253,6 +273,8 @@ def flex_taca_attention(
 ) -> torch.Tensor:
     """The paper's listing 1 through flex_attention; q is (B, H, N, D), k and v (B, H_kv, N, D).
 
+    For a ``VisualRowsSpan`` q holds only the visual rows (B, H, N - text, D): every query is visual.
+
     ``flex_fn`` is flex_attention itself or a compiled version of it.  ``scale`` is the softmax scale
     (None: 1/sqrt(D)); gamma multiplies the scaled logit.  ``enable_gqa``: K and V have fewer heads than
     Q, query head h reading K/V head h // (H / H_kv), as in scaled_dot_product_attention.
@@ -266,10 +288,13 @@ def flex_taca_attention(
     gamma_t = torch.tensor(gamma, dtype=torch.float32, device=q.device)
     full_mask = None if mask is None else _broadcast_mask(mask, b, h, nq, nk)
 
+    visual_rows_only = isinstance(span, VisualRowsSpan)
+
     def score_mod(score, bi, hi, qi, ki):
-        visual_query = (qi < t0) | (qi >= t1)
-        text_key = (ki >= t0) & (ki < t1)
-        score = torch.where(visual_query & text_key, score * gamma_t, score)
+        scaled = (ki >= t0) & (ki < t1)  # text keys
+        if not visual_rows_only:
+            scaled = scaled & ((qi < t0) | (qi >= t1))  # of visual queries
+        score = torch.where(scaled, score * gamma_t, score)
         if full_mask is None:
             return score
         m = full_mask[bi, hi, qi, ki]

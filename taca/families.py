@@ -6,7 +6,8 @@ from the actual inputs of ``BaseModel.apply_model`` (so ComfyUI's own text
 lengths are used: 256+ T5 tokens for FLUX, about 154 for SD3, 512 for Flux.2),
 and in which order they are concatenated.  An attention call whose sequence
 length is not exactly text + visual (SD3.5 Medium's image-only self-attention,
-for instance) is left alone.
+for instance) is left alone.  HiDream-O1 hands the attention override only the
+visual query rows of its joint attention, against all of it (``VisualRowsSpan``).
 
 Models are matched by the exact ``comfy.model_base`` class name rather than by
 inheritance, so a subclass we have not checked (a future subclass of Flux, for
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .attention import TextSpan
+from .attention import TextSpan, VisualRowsSpan
 
 CountFn = Callable[[Any, Any, Dict[str, Any]], int]
 # (diffusion_model, x, context, conds) -> every joint layout of this model call (at most one per sequence length)
@@ -41,12 +42,16 @@ class ModelFamily(NamedTuple):
     # layout text + visual, in the family's order.
     layouts_fn: Optional[LayoutsFn] = None
     untouched: str = "-"  # attention that is not the joint text+visual attention, for the README support matrix
+    # True where the model hands the attention override only the visual query rows of its joint attention, against
+    # the whole sequence, and computes the text rows itself (HiDream-O1): the layouts are VisualRowsSpans.
+    visual_rows_call: bool = False
 
     def span(self, text_tokens: int, visual_tokens: int) -> TextSpan:
         length = text_tokens + visual_tokens
+        span_type = VisualRowsSpan if self.visual_rows_call else TextSpan
         if self.text_first:
-            return TextSpan.text_first(text_tokens, length)
-        return TextSpan.text_last(text_tokens, length)
+            return span_type.text_first(text_tokens, length)
+        return span_type.text_last(text_tokens, length)
 
     def layouts(self, diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[TextSpan]:
         """The joint text+visual layouts of one model call, read from its actual inputs."""
@@ -316,6 +321,28 @@ def _zimage_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -
     return tokens
 
 
+def _hidream_o1_text_tokens(diffusion_model: Any, context: Any, conds: Dict[str, Any]) -> int:
+    # HiDream-O1 (one Qwen3-VL decoder over text and image) runs the token ids before <|tms|> (ar_len of them: the
+    # chat template, the prompt and, when editing, the vision tokens of the reference images spliced into the ids)
+    # as a causal text pass straight through SDPA; the rest of the sequence attends to all of it in the one call
+    # that reaches the override.  The context is a stand-in for the ids, which come as their own input.
+    ar_len = conds.get("ar_len")
+    return 0 if ar_len is None else max(int(ar_len), 0)
+
+
+def _hidream_o1_visual_tokens(diffusion_model: Any, x: Any, conds: Dict[str, Any]) -> int:
+    # The query rows of that call: the ids from <|tms|> on (the token that carries the timestep), the image's
+    # 32 x 32 pixel patches and the reference images' patches appended to them.
+    input_ids = conds.get("input_ids")
+    if input_ids is None:
+        return 0
+    patch = _patch_size(diffusion_model)
+    tokens = int(input_ids.shape[1]) - _hidream_o1_text_tokens(diffusion_model, None, conds)
+    tokens += (int(x.shape[-2]) // patch[0]) * (int(x.shape[-1]) // patch[1])  # the model floors (no padding)
+    ref_patches = conds.get("ref_patches")
+    return tokens + (0 if ref_patches is None else int(ref_patches.shape[1]))
+
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         name="FLUX.1 (dev, schnell, Kontext, Fill)",
@@ -527,6 +554,17 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_with_ref_latents_visual_tokens,
         text_side="the Qwen3-VL tokens; reference images count as image tokens",
     ),
+    ModelFamily(
+        name="HiDream-O1",
+        model_classes=("HiDreamO1",),
+        text_first=True,
+        count_text=_hidream_o1_text_tokens,
+        count_visual=_hidream_o1_visual_tokens,
+        text_side="the prompt in its chat template up to the begin-of-image token, including the vision tokens of "
+                  "reference images (the model's causal text pass); the timestep token and the reference images' "
+                  "patches count as image tokens",
+        visual_rows_call=True,
+    ),
 )
 
 # model_base classes whose text (or other condition) enters through cross-attention: there is no joint softmax in
@@ -558,6 +596,21 @@ NOT_VISUAL_GENERATION_MODELS: Dict[str, str] = {
 }
 
 
+# model_base classes with a joint text+image softmax that the attention override never sees: the model calls its
+# attention function without transformer_options, and that function is a module-level name, shared by every model in
+# the process, not an attribute of the model that a clone could replace.  Class name -> why, in words.
+_SHARED = ("and that function is a module-level name, shared by every model in the process, not a part of this model "
+           "that TACA could replace for it alone")
+UNREACHABLE_MODELS: Dict[str, str] = {
+    "ErnieImage": "its blocks run one softmax over the image and text tokens concatenated (comfy.ldm.ernie.model), but "
+                  "call optimized_attention without transformer_options, so the attention override TACA installs on "
+                  "the model never sees them, " + _SHARED,
+    "SeedVR2": "its window attention is one softmax over each window's video tokens and the text tokens, but goes "
+               "through comfy.ldm.seedvr.attention, which calls optimized_attention without transformer_options, so "
+               "the attention override TACA installs on the model never sees it, " + _SHARED,
+}
+
+
 def supported_names() -> str:
     return ", ".join(f.name for f in FAMILIES)
 
@@ -574,6 +627,12 @@ def family_for_model(base_model: Any) -> ModelFamily:
             f"text-to-image or text-to-video model, so there are no text tokens drowned by image tokens to "
             f"rebalance. Remove the TACA Patch Model node (or bypass it) for this model. TACA supports: "
             f"{supported_names()}."
+        )
+    if class_name in UNREACHABLE_MODELS:
+        raise UnsupportedModelError(
+            f"TACA cannot reach the joint attention of {class_name}: {UNREACHABLE_MODELS[class_name]}. "
+            f"A TACA patch would have no effect on it. Remove the TACA Patch Model node (or bypass it) for this model. "
+            f"Supported: {supported_names()}."
         )
     if class_name in CROSS_ATTENTION_MODELS:
         raise UnsupportedModelError(

@@ -9,10 +9,12 @@ two hooks, so the input model is never touched:
   inputs and hands the diffusion model a copy of ``transformer_options`` whose
   ``optimized_attention_override`` is a ``TacaAttentionOverride``;
 * that override, which ComfyUI's ``wrap_attn`` calls for every attention call
-  that receives ``transformer_options``.  Joint text+image calls get TACA; all
-  other calls go through untouched.  Whatever override was already set (a
-  Sage/Flash patch from another pack, say) is wrapped, not replaced, whichever
-  node came first, because it is read at call time.
+  that receives ``transformer_options``.  Joint text+image calls get TACA (a
+  call of the whole joint sequence, or, where the layout is a ``VisualRowsSpan``,
+  one of its visual query rows against all its keys); all other calls go
+  through untouched.  Whatever override was already set (a Sage/Flash patch
+  from another pack, say) is wrapped, not replaced, whichever node came first,
+  because it is read at call time.
 
 When TACA is inactive (sigma below the threshold, or gamma == 1) the wrapper
 passes the original arguments straight through: same kernels, same bits.  On
@@ -38,7 +40,7 @@ import torch
 
 from . import attention as taca_attention
 from . import settings as taca_settings
-from .attention import TextSpan
+from .attention import TextSpan, VisualRowsSpan
 from .families import ModelFamily
 from .report import ReportSampleWrapper, RunReport
 from .settings import TacaSettings
@@ -207,7 +209,8 @@ class JointCall(NamedTuple):
 
 
 def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, TextSpan]) -> Optional[JointCall]:
-    """The call's arguments when its sequence is one of ``spans``' joint sequences, else None."""
+    """The call's arguments when its keys are one of ``spans``' joint sequences and its queries the rows that
+    layout's call holds (all of them; only the visual ones for a ``VisualRowsSpan``), else None."""
     if len(args) > len(_ATTENTION_PARAMS):
         return None
     params = dict(zip(_ATTENTION_PARAMS, args))
@@ -217,8 +220,8 @@ def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, TextS
     mask = params.pop("mask", None)
     seq_dim = 2 if params.get("skip_reshape", False) else 1
     out_seq_dim = 2 if params.get("skip_output_reshape", False) else 1
-    span = spans.get(q.shape[seq_dim]) if q.ndim == (4 if seq_dim == 2 else 3) else None
-    if span is None or k.shape[seq_dim] != span.length:
+    span = spans.get(k.shape[seq_dim]) if q.ndim == (4 if seq_dim == 2 else 3) else None
+    if span is None or q.shape[seq_dim] != span.query_rows:
         return None
     return JointCall(q, k, v, heads, mask, params, seq_dim, out_seq_dim, span)
 
@@ -249,7 +252,7 @@ class TacaAttentionOverride:
 
     def __init__(self, settings: TacaSettings, spans: Sequence[TextSpan], previous: Optional[Callable]):
         self.settings = settings
-        # Joint calls are recognised by their sequence length; each length has its own text span.
+        # Joint calls are recognised by their keys' sequence length; each length has its own text span.
         self.spans = {span.length: span for span in spans if span.text_tokens > 0 and span.length > span.text_tokens}
         self.previous = previous
         self.joint_calls = 0
@@ -275,6 +278,8 @@ class TacaAttentionOverride:
         mode = self.settings.mode
         if mode == "flex" and flex_fallback(call.params):
             mode = "exact"
+        if isinstance(call.span, VisualRowsSpan) and mode != "flex":
+            return self._selective(func, call)  # only visual rows: listing 2 is eq. 10 exactly, in one call
         if mode == "selective":
             return self._selective(func, call)
         if mode == "flex":

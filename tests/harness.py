@@ -72,9 +72,11 @@ class ReferenceTacaAttention:
 
     ``layouts`` maps a joint sequence length to its text span (start, stop): the test's own reading of the model
     it built (observed with ``layouts.observe_joint_layout``, or known from the inputs it fed); self-attention
-    calls of any other length go to ComfyUI's kernel.  With ``threshold`` set, the reference acts only while the
-    call's sigma >= threshold (eq. 11), so whole sampler runs can be compared; a callable ``threshold`` is asked
-    instead, with the call's sigma (a test's own reading of eq. 11 on a discrete-time model).  ``post`` is applied to the output
+    calls of any other length go to ComfyUI's kernel; a call whose keys have a joint length and whose queries are
+    as many as that layout's visual tokens holds those visual rows, in sequence order (HiDream-O1's).  With
+    ``threshold`` set, the reference acts only while the call's sigma >= threshold (eq. 11), so whole sampler runs
+    can be compared; a callable ``threshold`` is asked instead, with the call's sigma (a test's own reading of
+    eq. 11 on a discrete-time model).  ``post`` is applied to the output
     of every call (to model a composed override).  ``listing2=True`` scales the text keys for every query (the
     paper's listing 2, 'selective').  Counters: ``joint_calls`` per length, ``other_calls`` as (q length, k length).
     """
@@ -97,20 +99,24 @@ class ReferenceTacaAttention:
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
         seq_dim = 2 if skip_reshape else 1
-        n = q.shape[seq_dim]
+        n, n_key = q.shape[seq_dim], k.shape[seq_dim]
         active = True
         if self.threshold is not None:
             sigma = float(kwargs["transformer_options"].get("sigmas").max())
             active = self.threshold(sigma) if callable(self.threshold) else sigma >= self.threshold
-        if n not in self.layouts or k.shape[seq_dim] != n or not active:
-            self.other_calls.append((n, k.shape[seq_dim]))
+        start, stop = self.layouts.get(n_key, (0, 0))
+        if n_key not in self.layouts or n not in (n_key, n_key - (stop - start)) or not active:
+            self.other_calls.append((n, n_key))
             return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                                   skip_output_reshape=skip_output_reshape, **kwargs))
-        self.joint_calls_by_length[n] += 1
+        self.joint_calls_by_length[n_key] += 1
         q4, k4, v4, scale = _reference_bhnd(q, k, v, heads, skip_reshape, kwargs)
-        start, stop = self.layouts[n]
+        rows = [i for i in range(n_key) if n == n_key or not start <= i < stop]  # the sequence rows of the queries
+        if n != n_key:  # the visual rows alone: put them in their places in the sequence (text queries left 0)
+            assert mask is None, "a mask over the visual rows alone is not modelled here"
+            q4 = q4.new_zeros(q4.shape[:2] + (n_key, q4.shape[3])).index_copy_(2, torch.tensor(rows), q4)
         out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask),
-                             visual_rows_only_text_scaling=not self.listing2, scale=scale).to(q.dtype)
+                             visual_rows_only_text_scaling=not self.listing2, scale=scale)[:, :, rows].to(q.dtype)
         if not skip_output_reshape:
             b, h, n_, d = out.shape
             out = out.transpose(1, 2).reshape(b, n_, h * d)

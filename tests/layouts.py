@@ -8,6 +8,12 @@ are text tokens and the rows that moved with the image are visual tokens.  Rows 
 tokens (registers, padding); they belong to the run of tokens before them (padding follows what it pads), or, at the
 start of the sequence, to the run after them (registers are prepended).
 
+A model may hand the override only some query rows of its joint attention, against every key (HiDream-O1 computes
+its text rows in a causal pass of their own): the queries, recorded too, must then be the last (or first) key rows,
+the ones that moved with the image and, among those, none that moved with the text (a query row that moved with
+neither, HiDream-O1's timestep token, is on the image side); every other key row is on the text side, and none of
+them may have moved with the image.
+
 This knows nothing of taca/families.py, so the spans it returns are an independent reference for it.
 """
 
@@ -31,19 +37,26 @@ VISUAL_KEYS = (
     "minimax_keyframes",  # MiniMax H3: lists of dicts holding condition latents
     "minimax_refs",
 )
+# conditioning keys holding token ids, which the model embeds itself (HiDream-O1)
+TEXT_TOKEN_KEYS = ("text_input_ids",)
+# Qwen's vocabulary, where those ids come from: the ids from here on are special tokens (chat template, vision and
+# timestep markers), which say where the image and the timestep go; only the other ids (the prompt's) are replaced.
+SPECIAL_TOKEN_IDS_FROM = 151643
 
 
 class KeyRecorder:
-    """Attention override that keeps every call's keys as (B, N, ...) with the sequence on dim 1."""
+    """Attention override that keeps every call's keys (and queries) as (B, N, ...) with the sequence on dim 1."""
 
     def __init__(self):
         self.keys: List[torch.Tensor] = []
+        self.query_values: List[torch.Tensor] = []
         self.queries: List[int] = []
 
     def __call__(self, func, *args, **kwargs):
         q, k = args[0], args[1]
         seq_dim = 2 if kwargs.get("skip_reshape", False) else 1
         self.keys.append(k.detach().movedim(seq_dim, 1).flatten(2).double().clone())
+        self.query_values.append(q.detach().movedim(seq_dim, 1).flatten(2).double().clone())
         self.queries.append(q.shape[seq_dim])
         return func(*args, **kwargs)
 
@@ -60,6 +73,11 @@ def _other(value: Any, generator: torch.Generator) -> Any:
     return value
 
 
+def _other_ids(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    other = torch.randint(0, SPECIAL_TOKEN_IDS_FROM, ids.shape, generator=generator, dtype=ids.dtype)
+    return torch.where(ids < SPECIAL_TOKEN_IDS_FROM, other, ids)
+
+
 def _perturbed(conditioning, keys: Tuple[str, ...], context: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -70,6 +88,9 @@ def _perturbed(conditioning, keys: Tuple[str, ...], context: bool, seed: int):
                 options[key] = _other(options[key], g)
         if context and "clip_vision_output" in options:
             options["clip_vision_output"] = _other(options["clip_vision_output"], g)
+        for key in TEXT_TOKEN_KEYS:
+            if context and key in options:
+                options[key] = _other_ids(options[key], g)
         out.append([_other(tensor, g) if context else tensor, options])
     return out
 
@@ -106,13 +127,15 @@ def observe_joint_layout(patcher, positive, latent) -> Dict[int, Tuple[int, int]
     visual = _record(patcher, _perturbed(positive, VISUAL_KEYS, context=False, seed=202), latent, seed=1)
     assert len(base.keys) == len(text.keys) == len(visual.keys), "the runs made different attention calls"
     for i, (k, kt, kv) in enumerate(zip(base.keys, text.keys, visual.keys)):
-        if base.queries[i] != k.shape[1]:
-            continue  # not a self-attention over one sequence
+        if base.queries[i] > k.shape[1]:
+            continue  # more queries than keys: not an attention within one sequence
         moved_text, moved_visual = _changed_rows(k, kt), _changed_rows(k, kv)
         if not (moved_text.any() and moved_visual.any()):
             continue  # a text-only refiner or an image-only attention
         assert not (moved_text & moved_visual).any(), (
             f"call {i}: rows moved with both the text and the image; text and image have already met")
+        if base.queries[i] < k.shape[1]:
+            return {k.shape[1]: _text_outside_the_queries(i, base, text, visual, moved_text, moved_visual)}
         owner = ["text" if t else "visual" if v else None for t, v in zip(moved_text.tolist(), moved_visual.tolist())]
         owner = _assign_unmoved(owner)
         text_rows = [n for n, o in enumerate(owner) if o == "text"]
@@ -120,3 +143,20 @@ def observe_joint_layout(patcher, positive, latent) -> Dict[int, Tuple[int, int]
         assert stop - start == len(text_rows), f"call {i}: text rows are not contiguous: {owner}"
         return {k.shape[1]: (start, stop)}
     raise AssertionError("no attention call mixed text and image tokens")
+
+
+def _text_outside_the_queries(i: int, base: KeyRecorder, text: KeyRecorder, visual: KeyRecorder,
+                              moved_text: torch.Tensor, moved_visual: torch.Tensor) -> Tuple[int, int]:
+    """(text start, text stop) of call ``i``, whose queries are only some of its key rows."""
+    q = base.query_values[i]
+    n_query, n_key = q.shape[1], moved_text.shape[0]
+    query_text, query_visual = _changed_rows(q, text.query_values[i]), _changed_rows(q, visual.query_values[i])
+    assert query_visual.any() and not query_text.any(), f"call {i}: the queries are not image rows: {query_text}"
+    # Which key rows the queries are: the last or the first n_query, told apart by the rows that moved with the image.
+    offsets = [o for o in sorted({0, n_key - n_query}) if torch.equal(moved_visual[o:o + n_query], query_visual)]
+    assert len(offsets) == 1, f"call {i}: the queries are neither the first nor the last key rows"
+    start, stop = (n_query, n_key) if offsets[0] == 0 else (0, n_key - n_query)
+    assert not moved_text[offsets[0]:offsets[0] + n_query].any(), f"call {i}: a query row's key moved with the text"
+    assert moved_text[start:stop].any() and not moved_visual[start:stop].any(), (
+        f"call {i}: the key rows outside the queries are not the text: {moved_visual[start:stop]}")
+    return start, stop

@@ -1,9 +1,6 @@
-"""Every joint-attention family (FLUX.1, Flux.2, Chroma, SD3/SD3.5, AuraFlow, HunyuanVideo 1.0/1.5, HunyuanImage 2.1,
-Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, Lens, JoyImage(-Edit), CogVideoX), patched through the
-node against the same model run with a float64 reference attention, and the cross-attention families TACA refuses.
-Qwen-Image(-Edit), HiDream, Lumina 2, Z-Image, OmniGen2, LongCat-Image, Mage-Flow, Z-Image pixel space, Boogu-Image),
-patched through the node against the same model run with a float64 reference attention, and the cross-attention
-families TACA refuses.
+"""Every joint-attention family of taca/families.py, patched through the node against the same model run with a float64
+reference attention, and the models TACA refuses: cross-attention families, models that generate no image or video
+from text, and joint-attention models whose attention calls it cannot reach.
 
 Each case builds a tiny random-weight model with ComfyUI's own classes and runs it through ComfyUI's sampler.
 Where the text sits in the joint attention (its order and span) is observed on the running ComfyUI
@@ -53,6 +50,9 @@ class Case(NamedTuple):
     sigma: Union[float, str, None] = None  # of the step; None: 1.0; "max": the model's model_sampling.sigma_max
     sampler: str = "euler"  # a KSampler name, or "void": ComfyUI's VOIDSampler (CogVideoX's DDIM, no noise scaling)
     since: Optional[str] = None  # the first tested ComfyUI whose model takes the case's inputs
+    # The model's joint call holds only the visual query rows, against every key; it computes the text rows itself
+    # (HiDream-O1's causal text pass), so TACA hands that call on whole, with the text keys scaled.
+    visual_rows: bool = False
 
 
 def _qwen_ref():
@@ -236,6 +236,10 @@ CASES = {
     # self-attention over reference + image (88) untouched.
     "boogu_edit": Case("boogu", {"reference_latents": "omnigen_ref"}, 35, 123,
                        {(35, 35), (24, 24), (64, 64), (88, 88)}, 4, batch=1),
+    # HiDream-O1: 24 prompt ids in the chat template make 34 ids (tiny_models.hidream_o1_input_ids); the 33 before
+    # <|tms|> are the causal text pass, which goes straight to SDPA.  The one call the override sees holds the other
+    # 13 query rows (<|tms|> and (128/32) x (96/32) = 12 pixel patches) against all 46 keys; 2 decoder layers.
+    "hidream_o1": Case("hidream_o1", {}, 33, 46, set(), 2, visual_rows=True, moves=100),
 }
 
 # The cases whose model class this ComfyUI has (the newer families only exist in newer ComfyUI).
@@ -410,8 +414,9 @@ def test_other_modes_on_an_image_first_family(pack_nodes, mode):
 
 @pytest.mark.parametrize("name", AVAILABLE)
 def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
-    """Another pack's override sees every call: joint calls arrive split in a text-row and a visual-row call,
-    refiner and single-modality calls arrive whole, exactly as without TACA."""
+    """Another pack's override sees every call: joint calls arrive split in a text-row and a visual-row call (a
+    joint call of the visual rows alone arrives whole), refiner and single-modality calls arrive whole, exactly as
+    without TACA."""
     case = CASES[name]
     tiny, positive, negative, latent = setup(case)
     patched = taca(pack_nodes, with_override(tiny.patcher, AttentionSpy()))
@@ -423,16 +428,20 @@ def test_only_joint_calls_are_split_and_the_rest_untouched(pack_nodes, name):
     one_step(plain_model, positive, negative, latent, **at)
 
     (length, (start, stop)), = joint_layout(name).items()
-    plain_joint = [c for c in plain_spy.calls if c[1] == c[2] == length]
+    text, visual = stop - start, length - (stop - start)
+    joint = (visual if case.visual_rows else length, length)  # the (q, k) lengths of the model's joint call
+    plain_joint = [c for c in plain_spy.calls if c[1:] == joint]
     # every joint block of every model call (cond and uncond batched in one call, or run one after the other)
     assert len(plain_joint) > 0 and len(plain_joint) % case.joint_calls == 0
-    plain_other = [c for c in plain_spy.calls if c[1] != length]
+    plain_other = [c for c in plain_spy.calls if c[1:] != joint]
     assert {c[1:] for c in plain_other} == case.other
 
-    text, visual = stop - start, length - (stop - start)
     split = sorted(c[1] for c in spy.calls if c[2] == length)
-    assert length not in split  # no joint call went through unsplit
-    assert split == sorted([text, visual] * len(plain_joint))  # one text-row and one visual-row call each
+    if case.visual_rows:
+        assert split == [visual] * len(plain_joint)  # each the model's own call, keys scaled but not split
+    else:
+        assert length not in split  # no joint call went through unsplit
+        assert split == sorted([text, visual] * len(plain_joint))  # one text-row and one visual-row call each
     other = [c for c in spy.calls if c[2] != length]
     assert sorted(other) == sorted(plain_other)  # the refiners' calls, whole and unchanged
 
@@ -460,6 +469,7 @@ SIGMA_GATED = [
     "mage_flow",
     "z_image_pixel",
     "boogu",
+    "hidream_o1",
 ]
 
 
@@ -618,31 +628,89 @@ def _refused_as_not_visual_generation(families, class_name: str) -> None:
     for word in (class_name, NOT_VISUAL_GENERATION[class_name], "not a text-to-image or text-to-video model",
                  "bypass"):
         assert word in message, (word, message)
+@pytest.mark.skipif(not tm.available("hidream_o1"), reason="this ComfyUI has no HiDream-O1")
+@pytest.mark.parametrize("mode", ["exact", "flex"])
+def test_hidream_o1_edit_puts_the_reference_image_on_both_sides(pack_nodes, mode):
+    """Editing: ComfyUI splices the reference image's vision-tower tokens into the ids (the causal text pass) and
+    appends its 32 x 32 patches to the image's.  The layout comes from the model's own token types (0: the text
+    pass, 1: the rows of the one call the override sees); the spy sees that call, and TACA matches the reference."""
+    tiny = tm.build("hidream_o1")
+    image = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(7))  # (B, H, W, RGB) in [0, 1]
+    positive, negative = (tm.family_conditioning(tiny, seed, reference_latents=[image]) for seed in (1, 2))
+    latent = tm.family_latent(tiny)
+    conds = tiny.patcher.model.extra_conds(text_input_ids=positive[0][1]["text_input_ids"], noise=latent,
+                                           reference_latents=[image])
+    token_types = conds["token_types"].cond[0]
+    length, text = token_types.shape[0], int((token_types == 0).sum())
+    assert bool((token_types[:text] == 0).all())  # the text pass is a prefix
+    # The 34 ids plus the vision tower's (416/32) x (320/32) = 130 merged tokens of the image resized to 384^2 pixels
+    # and its 2 markers: 166 ids, 165 before <|tms|>.  Then <|tms|>, 4 x 3 image patches and 4 x 3 patches of the
+    # reference resized to 128 x 96 (about the target's area): 190.
+    assert (text, length) == (165, 190)
+    plain_model = with_override(tiny.patcher, AttentionSpy())
+    plain = one_step(plain_model, positive, negative, latent, cfg=3.0)
+    assert {c[1:] for c in installed_override(plain_model).calls} == {(length - text, length)}
+    reference = ReferenceTacaAttention({length: (0, text)}, GAMMA)
+    out = one_step(taca(pack_nodes, tiny.patcher, mode=mode), positive, negative, latent, cfg=3.0)
+    ref = one_step(with_override(tiny.patcher, reference), positive, negative, latent, cfg=3.0)
+    assert reference.joint_calls == 2  # 2 layers; cond and uncond batched in one model call
+    assert rel_diff(out, ref) <= TOLERANCE
+    assert rel_diff(plain, ref) > 30 * TOLERANCE
+
+
+@pytest.mark.parametrize("kind,class_name,where", [
+    case for case in [("ernie_image", "ErnieImage", "comfy.ldm.ernie.model"),
+                      ("seedvr2", "SeedVR2", "comfy.ldm.seedvr.attention")] if tm.available(case[0])])
+def test_joint_attention_taca_cannot_reach_is_refused_with_the_reason(pack_nodes, kind, class_name, where):
+    """ERNIE-Image and SeedVR2 do run a joint text+image softmax, but call their attention without
+    transformer_options, so the attention override never sees it: the node refuses them, saying so, instead of
+    returning a model on which it would silently do nothing."""
+    from taca import families
+
+    patcher = tm.build_unsupported(kind)
+    assert type(patcher.model).__name__ == class_name
+    assert class_name in families.UNREACHABLE_MODELS and class_name not in families.CROSS_ATTENTION_MODELS
+    assert all(class_name not in family.model_classes for family in families.FAMILIES)
+    before = repr(patcher.model_options)
+    with pytest.raises(ValueError) as err:
+        taca(pack_nodes, patcher)
+    message = str(err.value)
+    for word in (class_name, "cannot reach", where, "without transformer_options", "never sees",
+                 "Remove the TACA Patch Model node (or bypass it)", "FLUX.1", "HiDream"):
+        assert word in message, (word, message)
+    assert "cross-attention" not in message and "yet" not in message
+    assert repr(patcher.model_options) == before
 
 
 def test_every_model_base_class_is_placed():
-    """Every comfy.model_base model class of this ComfyUI is either supported, refused as cross-attention, or one
-    of the few joint-attention classes knowingly left unsupported (with the generic message)."""
+    """Every comfy.model_base model class of this ComfyUI is placed: supported (each one sampled against the
+    reference: the next test), refused with its reason (cross-attention, a joint attention TACA cannot reach, not a
+    text-to-image/video model), or one of the few joint-attention classes knowingly left unsupported, which get the
+    generic message.  Each refusal is checked on the class itself: the message says the reason it was placed for."""
     import inspect
 
-    import comfy.model_base
     from taca import families
 
     left_unsupported = {"GenmoMochi", "Hunyuan3Dv2", "Hunyuan3Dv2_1"}
-    # The model classes ComfyUI 0.33.0 added, not placed yet: each gets the generic "not supported" message.
-    left_unsupported |= {
-        "ACEStep15", "Anima", "Boogu", "CogVideoX", "DepthAnything3", "ErnieImage", "HiDreamO1", "Ideogram4",
-        "JoyImage", "Kandinsky5", "Kandinsky5Image", "Krea2", "LTXAV", "Lens", "LongCatImage", "MageFlow",
-        "MiniMaxH3", "MiniMaxMusic3", "PiD", "PixelDiTT2I", "RT_DETR_v4", "SAM3", "SeedVR2", "StableAudio3",
-        "Trellis2", "TripoSplat", "WAN21_CausalAR", "WAN21_FlowRVS", "WAN21_SCAIL", "WAN21_SCAIL2",
-        "WAN22_WanDancer", "WAN_Animate2", "ZImagePixelSpace"}
-    placed = set(families.CROSS_ATTENTION_MODELS) | left_unsupported
-    for family in families.FAMILIES:
-        placed |= set(family.model_classes)
+    supported = {c for f in families.FAMILIES for c in f.model_classes}
+    reasons = {  # placement -> words its message must hold
+        "cross-attention": (set(families.CROSS_ATTENTION_MODELS), "its text enters through cross-attention"),
+        "unreachable": (set(families.UNREACHABLE_MODELS), "cannot reach the joint attention"),
+        "not generation": (set(families.NOT_VISUAL_GENERATION_MODELS), "not a text-to-image or text-to-video model"),
+        "left": (left_unsupported, "does not support the model class"),
+    }
+    groups = [supported] + [names for names, _ in reasons.values()]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)), "a class is placed twice"
     classes = {name for name, cls in inspect.getmembers(comfy.model_base, inspect.isclass)
                if cls.__module__ == "comfy.model_base" and issubclass(cls, comfy.model_base.BaseModel)}
-    assert classes - placed == set()
-    assert not set(families.CROSS_ATTENTION_MODELS) & {c for f in families.FAMILIES for c in f.model_classes}
+    assert classes - set().union(*groups) == set()
+    for class_name in sorted(classes - supported):
+        with pytest.raises(ValueError) as err:
+            families.family_for_model(_uninitialised(class_name))
+        words = next(w for names, w in reasons.values() if class_name in names)
+        assert class_name in str(err.value) and words in str(err.value), (class_name, str(err.value))
+    for class_name in sorted(classes & supported):
+        assert class_name in families.family_for_model(_uninitialised(class_name)).model_classes
 
 
 SUBCLASS_KINDS = ["hunyuan_video_skyreels", "hunyuan_video15_sr", "hunyuan_image21_refiner"]

@@ -13,7 +13,7 @@ import comfyui_version
 
 from devtools.comfy_runtime import version_key
 from reference import max_row_rel_err, taca_reference
-from taca.attention import TextSpan
+from taca.attention import TextSpan, VisualRowsSpan
 from taca.patch import OVERRIDE_KEY, TacaAttentionOverride, passthrough_attention
 from taca.settings import TacaSettings
 
@@ -199,6 +199,35 @@ def test_flex_keeps_low_precision_attention_and_hands_unknown_keywords_to_the_ke
     out = taca(kernel, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True, block_sparse="yes")
     assert seen == ["yes", "yes"]  # two row-group calls, each with the keyword
     check_rows(out, expected(q, k, v, "exact"))
+
+
+@pytest.mark.parametrize("skip_reshape", [True, False], ids=["bhnd", "tokens"])
+@pytest.mark.parametrize("mode", ["exact", "selective", "flex"])
+def test_a_call_of_the_visual_rows_alone_is_eq10_in_one_kernel_call(mode, skip_reshape):
+    """A VisualRowsSpan layout (HiDream-O1's): the model hands over only the visual query rows, against every key,
+    with fewer K/V heads where this ComfyUI's kernels take enable_gqa, as HiDream-O1 passes it.  Every mode gives
+    eq. 10 for those rows (exact and selective in one kernel call), the caller's K is unchanged, and a call of the
+    whole sequence, text rows included, is not this layout's and is left alone."""
+    func = comfy_attention.optimized_attention
+    kwargs = {"enable_gqa": True} if comfy_function_honours(func, {"enable_gqa": True}) else {}
+    q, k, v = keyword_inputs(kwargs)
+    k_before = k.clone()
+    kernel_calls = []
+
+    def counting(kernel, *args, **kw):  # an override that was there before TACA: it sees TACA's kernel calls
+        kernel_calls.append(args[0].shape)
+        return kernel(*args, **kw)
+
+    taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, mode), [VisualRowsSpan.text_first(TEXT, TEXT + VISUAL)],
+                                 counting)
+    out = call_comfy(func, q[:, :, TEXT:], k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
+    assert taca.joint_calls == 1 and taca.other_calls == 0
+    assert len(kernel_calls) == (0 if mode == "flex" else 1)
+    assert torch.equal(k, k_before)
+    check_rows(out, taca_reference(q, k, v, 0, TEXT, GAMMA)[:, :, TEXT:])
+    whole = call_comfy(func, q, k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
+    assert taca.joint_calls == 1 and taca.other_calls == 1
+    assert torch.equal(whole, call_comfy(func, q, k, v, skip_reshape, {}, kwargs))
 
 
 def test_passthrough_is_bit_identical_through_wrap_attn():

@@ -39,9 +39,11 @@ EXPECTED = {
     "z_image_pixel": "ZImagePixelSpace",
     "z_image_pixel_omni": "ZImagePixelSpace",
     "boogu": "Boogu",
+    "hidream_o1": "HiDreamO1",
     # refused ones
     "sd15": "SD15", "hunyuan3d": "Hunyuan3Dv2", "sdxl": "SDXL", "wan21": "WAN21_T2V", "wan21_vace": "WAN21_Vace",
     "wan22": "WAN22_T2V", "pixart": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "cosmos_predict2": "CosmosT2IPredict2",
+    "ernie_image": "ErnieImage", "seedvr2": "SeedVR2",
 }
 # ComfyUI matches the UNet classes on full-size channel counts and depths, which no tiny UNet has: their detected
 # config goes to the class directly.
