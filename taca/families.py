@@ -480,6 +480,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_image_tokens,  # pixel patches of the model's patch size (16), before any pixel-level block
         text_side="the Gemma-2 tokens (300 from ComfyUI's encoder, padding included, as the model keeps it; a "
                   "longer context is cut to 300)",
+        untouched="the pixel blocks' attention over the patch tokens",
     ),
     ModelFamily(
         name="MiniMax H3 (audio + video)",
@@ -516,6 +517,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_krea2_visual_tokens,
         text_side="the Qwen3-VL tokens after the model's text-fusion blocks; reference latents count as image "
                   "tokens",
+        untouched="the text-fusion and text-refiner attention",
     ),
     # The four below are subclasses of supported classes with the same joint layout as their parent, each with its
     # own entry for its own text encoder (matching is by exact class name).
@@ -545,6 +547,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_zimage_visual_tokens,
         text_side="the Qwen3 caption tokens with the model's pad tokens (Omni: every reference's text segment "
                   "too); reference images and their SigLIP tokens count as image tokens",
+        untouched="the context and noise refiners",
     ),
     ModelFamily(
         name="Boogu-Image",
@@ -553,6 +556,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_text=_context_tokens,
         count_visual=_with_ref_latents_visual_tokens,
         text_side="the Qwen3-VL tokens; reference images count as image tokens",
+        untouched="the context, noise and reference-image refiners, the image-only self-attention",
     ),
     ModelFamily(
         name="HiDream-O1",
@@ -564,6 +568,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
                   "reference images (the model's causal text pass); the timestep token and the reference images' "
                   "patches count as image tokens",
         visual_rows_call=True,
+        untouched="the causal text pass, which the model runs through SDPA itself (eq. 10 leaves text rows as they are)",
     ),
 )
 
