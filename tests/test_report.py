@@ -68,3 +68,32 @@ def test_report_without_a_server_does_not_try_to_import_one(pack_nodes, monkeypa
     monkeypatch.setattr(sys, "meta_path", [recorder] + sys.meta_path)
     ksample(model, tiny, steps=2)
     assert "server" not in recorder.names
+
+
+@pytest.mark.skipif(not tm.available("cogvideox"), reason="CogVideoX is newer than this ComfyUI")
+def test_report_on_a_discrete_time_model_speaks_of_its_timesteps(pack_nodes, caplog):
+    """CogVideoX: the report names the steps whose t/1000 (the model's own timestep of the sigma) is >= 0.97, on
+    that scale, and a run that starts below it says where it started on both scales."""
+    import comfy.samplers
+    import torch
+    from comfy_extras.nodes_void import VOID_DDIM
+
+    from devtools.sampling import sample_sigmas
+
+    tiny = tm.build("cogvideox")
+    positive, negative = tm.family_conditioning(tiny, 1), tm.family_conditioning(tiny, 2)
+    latent = tm.family_latent(tiny)
+    model_sampling = tiny.patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", 20).cpu()
+    timesteps = [int(model_sampling.timestep(torch.tensor([s])).item()) for s in sigmas[:-1].tolist()]
+    expected = [i for i, t in enumerate(timesteps) if t >= 970]
+    model = taca(pack_nodes, tiny.patcher)
+    with caplog.at_level(logging.INFO, logger="comfyui-taca"):
+        sample_sigmas(model, positive, negative, latent, sigmas, cfg=3.0, sampler=VOID_DDIM())
+    assert last_report(caplog).startswith(
+        f"[node None] TACA acted on steps {', '.join(map(str, expected))} of 20 (t/1000 >= 0.97")
+    with caplog.at_level(logging.INFO, logger="comfyui-taca"):
+        sample_sigmas(model, positive, negative, latent, sigmas[1:], cfg=3.0, sampler=VOID_DDIM())
+    message = last_report(caplog)
+    assert "never acted" in message
+    assert f"the run started at t/1000 = {timesteps[1] / 1000:.3f} (sigma {float(sigmas[1]):.3f})" in message
