@@ -8,7 +8,8 @@ them from the node definition).  Importing this module does not import ComfyUI.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+import re
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple
 
 MODES: Tuple[str, ...] = ("exact", "selective", "flex")
 DEFAULT_MODE = "exact"
@@ -19,6 +20,16 @@ GAMMA_OFF = 1.0  # every logit unchanged: TACA does nothing
 DEFAULT_THRESHOLD_SIGMA = 0.97  # the paper's t_thresh = 970
 THRESHOLD_SIGMA_MIN = 0.0
 THRESHOLD_SIGMA_MAX = 1.0
+
+# The TACA Patch Model (Advanced)'s schedule: a window [sigma_end, sigma_start] (sigma_end is threshold_sigma),
+# a ramp of gamma over it, the joint attention calls it acts on, and an adaptive target share.
+RAMPS: Tuple[str, ...] = ("constant", "linear", "cosine")
+DEFAULT_RAMP = "constant"
+DEFAULT_SIGMA_START = 1.0
+TARGET_SHARE_OFF = 0.0
+TARGET_SHARE_MAX = 0.99
+BLOCK_INDEX_MAX = 1023  # far above any model's joint attention calls per model call (FLUX.1: 57)
+_BLOCK_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 # transformer_options[OPTIONS_KEY] holds the TacaSettings of the TACA Patch Model on a model, for nodes
 # that follow TACA (the LoRA gate), whichever node came first.
@@ -46,16 +57,84 @@ def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
         raise ValueError(f"TACA: unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
 
+def validate_schedule(sigma_start: Optional[float], sigma_end: float, ramp: str, target_share: float) -> None:
+    """Raise ValueError naming the bad schedule value of the Advanced node and the accepted range."""
+    if sigma_start is not None:
+        if not _in_range(sigma_start, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):
+            raise ValueError(f"TACA: sigma_start={sigma_start!r} is out of range; use a sigma in "
+                             f"[{THRESHOLD_SIGMA_MIN:g}, {THRESHOLD_SIGMA_MAX:g}] (default {DEFAULT_SIGMA_START:g}: "
+                             "from the first step).")
+        if sigma_end > sigma_start:
+            raise ValueError(f"TACA: sigma_end={sigma_end:g} is above sigma_start={sigma_start:g}, so the window "
+                             "is empty; TACA acts while sigma_end <= sigma <= sigma_start. Swap them or widen it.")
+    if ramp not in RAMPS:
+        raise ValueError(f"TACA: unknown ramp {ramp!r}; choose one of {', '.join(RAMPS)}.")
+    if not _in_range(target_share, TARGET_SHARE_OFF, TARGET_SHARE_MAX):
+        raise ValueError(f"TACA: target_share={target_share!r} is out of range; use a share of attention in "
+                         f"[{TARGET_SHARE_OFF:g}, {TARGET_SHARE_MAX:g}] ({TARGET_SHARE_OFF:g} turns adaptive gamma off).")
+
+
+def parse_blocks(text: str) -> Tuple[int, ...]:
+    """``"0-9,15"`` -> (0, 1, ..., 9, 15): joint attention call indices, sorted; ``""`` -> () (every call)."""
+    blocks = set()
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        match = _BLOCK_ITEM.match(item)
+        if match is None:
+            raise ValueError(f"TACA: blocks={text!r}: {item.strip()!r} is not a block index or range; write indices "
+                             "of joint attention calls in call order, counted from 0, like \"0-9,15\" (empty: all).")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"TACA: blocks={text!r}: the range {item.strip()!r} runs backwards; write it low-high.")
+        if last > BLOCK_INDEX_MAX:
+            raise ValueError(f"TACA: blocks={text!r}: {last} is above {BLOCK_INDEX_MAX}; no model makes that many "
+                             "joint attention calls (the help page lists each model's count).")
+        blocks.update(range(first, last + 1))
+    return tuple(sorted(blocks))
+
+
+def format_blocks(blocks: Iterable[int]) -> str:
+    """(0, 1, 2, 5) -> ``"0-2,5"``, the inverse of ``parse_blocks``."""
+    runs = []
+    for index in sorted(set(blocks)):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 class TacaSettings(NamedTuple):
+    """What TACA does.  The last four fields are the Advanced node's; their defaults are the simple node."""
+
     gamma: float = DEFAULT_GAMMA
-    threshold_sigma: float = DEFAULT_THRESHOLD_SIGMA
+    threshold_sigma: float = DEFAULT_THRESHOLD_SIGMA  # the window's lower end, sigma_end
     mode: str = DEFAULT_MODE
+    sigma_start: Optional[float] = None  # the window's upper end; None: no upper end
+    ramp: str = DEFAULT_RAMP
+    blocks: Tuple[int, ...] = ()  # joint attention calls of a model call TACA acts on, in call order; (): all
+    target_share: float = TARGET_SHARE_OFF  # > 0: adaptive gamma in [1, gamma] per joint call
 
     @classmethod
     def from_inputs(cls, gamma: float, threshold_sigma: float, mode: str) -> "TacaSettings":
         """The settings of the node's inputs, validated (ValueError naming the bad one)."""
         validate_settings(gamma, threshold_sigma, mode)
         return cls(float(gamma), float(threshold_sigma), mode)
+
+    @classmethod
+    def from_advanced_inputs(cls, gamma: float, sigma_start: float, sigma_end: float, ramp: str, blocks: str,
+                             target_share: float, mode: str) -> "TacaSettings":
+        """The Advanced node's settings, validated (ValueError naming the bad input)."""
+        validate_settings(gamma, sigma_end, mode)
+        validate_schedule(sigma_start, sigma_end, ramp, target_share)
+        return cls(float(gamma), float(sigma_end), mode, float(sigma_start), ramp, parse_blocks(blocks),
+                   float(target_share))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_share > TARGET_SHARE_OFF
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +146,27 @@ class TacaSettings(NamedTuple):
         ``position`` is t / 1000: the sigma on flow models, the model's timestep over its training steps on
         discrete-time ones (``taca.patch.schedule_position``); the threshold is on the same scale.
         """
-        return self.enabled and position >= self.threshold_sigma
+        return (self.enabled and position >= self.threshold_sigma
+                and (self.sigma_start is None or position <= self.sigma_start))
+
+    def gamma_at(self, position: float) -> float:
+        """The gamma of a model call at ``position`` (scale as in ``active_at``): 1 outside the window.
+
+        ``constant``: gamma over the whole window.  ``linear`` and ``cosine``: gamma at sigma_start falling to
+        1 at sigma_end, along a straight line or a half cosine (flat at both ends) in the position.
+        """
+        if not self.active_at(position):
+            return GAMMA_OFF
+        if self.ramp == "constant" or self.sigma_start is None or self.sigma_start <= self.threshold_sigma:
+            return self.gamma
+        weight = (position - self.threshold_sigma) / (self.sigma_start - self.threshold_sigma)
+        if self.ramp == "cosine":
+            weight = 0.5 - 0.5 * math.cos(math.pi * weight)
+        return GAMMA_OFF + (self.gamma - GAMMA_OFF) * weight
+
+    def acts_on_block(self, index: int) -> bool:
+        """Whether TACA acts on the joint attention call ``index`` (from 0, in call order) of a model call."""
+        return not self.blocks or index in self.blocks
 
 
 def store(transformer_options: Dict[str, Any], settings: TacaSettings) -> None:

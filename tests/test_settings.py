@@ -52,7 +52,9 @@ def test_the_node_schema_defaults_and_ranges_are_the_settings_defaults(pack_node
     required = pack_nodes["TACAPatchModel"].INPUT_TYPES()["required"]
     defaults = TacaSettings()
     assert (required["gamma"][1]["default"], required["threshold_sigma"][1]["default"],
-            required["mode"][1]["default"]) == (1.2, 0.97, "exact") == tuple(defaults)
+            required["mode"][1]["default"]) == (1.2, 0.97, "exact") == tuple(defaults)[:3]
+    # the Advanced node's fields, at their defaults, are the simple node: no upper end, constant, all calls
+    assert tuple(defaults)[3:] == (None, "constant", (), 0.0)
     assert (required["gamma"][1]["min"], required["gamma"][1]["max"]) == (0.1, 3.0)
     assert (required["threshold_sigma"][1]["min"], required["threshold_sigma"][1]["max"]) == (0.0, 1.0)
 
@@ -66,9 +68,9 @@ def test_a_patched_model_keeps_the_settings_object_and_a_later_patch_replaces_it
     stored = pack_module(pack_nodes, "TACAPatchModel", "taca_settings").stored
     tiny = tm.build("flux")
     first = taca(pack_nodes, tiny.patcher, gamma=1.25, threshold=0.9, mode="selective")
-    assert stored(first.model_options["transformer_options"]) == (1.25, 0.9, "selective")
+    assert stored(first.model_options["transformer_options"]) == TacaSettings(1.25, 0.9, "selective")
     second = taca(pack_nodes, first, gamma=1.1)
-    assert stored(second.model_options["transformer_options"]) == (1.1, 0.97, "exact")
+    assert stored(second.model_options["transformer_options"]) == TacaSettings(1.1, 0.97, "exact")
     assert stored(tiny.patcher.model_options["transformer_options"]) is None
 
 
