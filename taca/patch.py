@@ -34,11 +34,12 @@ module does not import ComfyUI.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
 from . import attention as taca_attention
+from . import probe as taca_probe
 from . import settings as taca_settings
 from .attention import TextSpan, VisualRowsSpan
 from .families import ModelFamily
@@ -51,6 +52,11 @@ WRAPPER_KEY = "comfyui-taca"
 OVERRIDE_KEY = "optimized_attention_override"
 # The sigma read once per model call, shared with the TACA LoRA gate so the call syncs only once.
 SIGMA_CACHE_KEY = "taca_sigma"
+# transformer_options[PROBE_KEY]: the TACA Attention Probe's recorder, told of every joint call TACA sees
+# (``recorder.joint_call(call, gamma)``), whichever of the two nodes came first.
+PROBE_KEY = "taca_probe"
+# Image query rows the adaptive gamma measures per joint call (all of them up to this many): evenly spaced.
+ADAPTIVE_PROBE_ROWS = 1024
 
 # ComfyUI's attention functions: (q, k, v, heads, mask=None, attn_precision=None,
 # skip_reshape=False, skip_output_reshape=False, **kwargs)
@@ -207,6 +213,28 @@ class JointCall(NamedTuple):
         q, k, v = (t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2) for t in (self.q, self.k, self.v))
         return self._replace(q=q, k=k, v=v, seq_dim=2, params=dict(self.params, skip_reshape=True))
 
+    def full_rows(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(q, mask) over every row of the joint sequence, q as (B, H, N, D), for the share probe.
+
+        A ``VisualRowsSpan`` call holds only the visual query rows: they go to their sequence positions and
+        the text rows, which the probe never reads, are zeros (a mask given per query row likewise).
+        """
+        q, mask, span = self.as_heads().q, self.mask, self.span
+        if q.shape[2] == span.length:
+            return q, mask
+        rows = taca_probe.visual_positions(span, q.device)
+        full = q.new_zeros(q.shape[:2] + (span.length, q.shape[3])).index_copy_(2, rows, q)
+        if mask is not None and mask.ndim >= 2 and mask.shape[-2] == q.shape[2] != 1:
+            padded = mask.new_zeros(mask.shape[:-2] + (span.length, mask.shape[-1]))
+            mask = padded.index_copy_(mask.ndim - 2, rows, mask)
+        return full, mask
+
+    def share_probe(self, max_rows: Optional[int]) -> taca_probe.ShareProbe:
+        """What the call's image queries give the text (``taca.probe``), over ``max_rows`` of them (None: all)."""
+        q, mask = self.full_rows()
+        return taca_probe.ShareProbe.measure(q, self.as_heads().k, self.span, mask, self.params.get("scale"),
+                                             max_rows)
+
 
 def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, TextSpan]) -> Optional[JointCall]:
     """The call's arguments when its keys are one of ``spans``' joint sequences and its queries the rows that
@@ -250,13 +278,18 @@ def flex_fallback(params: Dict[str, Any]) -> bool:
 class TacaAttentionOverride:
     """``transformer_options["optimized_attention_override"]`` for one TACA-active model call."""
 
-    def __init__(self, settings: TacaSettings, spans: Sequence[TextSpan], previous: Optional[Callable]):
+    def __init__(self, settings: TacaSettings, spans: Sequence[TextSpan], previous: Optional[Callable],
+                 gamma: Optional[float] = None, recorder: Optional[Any] = None):
         self.settings = settings
+        # This model call's gamma (the settings' ramp at its sigma); each joint call may lower it (blocks, adaptive).
+        self.gamma = settings.gamma if gamma is None else gamma
         # Joint calls are recognised by their keys' sequence length; each length has its own text span.
         self.spans = {span.length: span for span in spans if span.text_tokens > 0 and span.length > span.text_tokens}
         self.previous = previous
+        self.recorder = recorder  # a TACA Attention Probe's, or None
         self.joint_calls = 0
         self.other_calls = 0
+        self.gammas: List[float] = []  # per joint call, in call order: the gamma it got (1: left untouched)
 
     def _inner(self, func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
         if self.previous is not None:
@@ -274,30 +307,46 @@ class TacaAttentionOverride:
         if call is None:
             self.other_calls += 1  # not a joint text+image attention of this model call
             return self._inner(func, args, kwargs)
+        gamma = self.call_gamma(self.joint_calls, call)
         self.joint_calls += 1
+        self.gammas.append(gamma)
+        if self.recorder is not None:
+            self.recorder.joint_call(call, gamma)
+        if gamma == taca_settings.GAMMA_OFF:
+            return self._inner(func, args, kwargs)  # a block TACA leaves alone, or an adaptive gamma of 1
         mode = self.settings.mode
         if mode == "flex" and flex_fallback(call.params):
             mode = "exact"
         if isinstance(call.span, VisualRowsSpan) and mode != "flex":
-            return self._selective(func, call)  # only visual rows: listing 2 is eq. 10 exactly, in one call
+            return self._selective(func, call, gamma)  # only visual rows: listing 2 is eq. 10 exactly, in one call
         if mode == "selective":
-            return self._selective(func, call)
+            return self._selective(func, call, gamma)
         if mode == "flex":
-            return self._flex(call.as_heads())
-        return self._exact(func, call.as_heads())
+            return self._flex(call.as_heads(), gamma)
+        return self._exact(func, call.as_heads(), gamma)
 
-    def _selective(self, func: Callable, call: JointCall) -> torch.Tensor:
+    def call_gamma(self, index: int, call: JointCall) -> float:
+        """The gamma of joint call ``index`` of this model call: the model call's, 1 outside ``blocks``, and with
+        a target share the gamma in [1, that] whose image-to-text share comes closest to it (``taca.probe``)."""
+        if self.gamma == taca_settings.GAMMA_OFF or not self.settings.acts_on_block(index):
+            return taca_settings.GAMMA_OFF
+        if not self.settings.adaptive or self.gamma < taca_settings.GAMMA_OFF:
+            return self.gamma  # below 1 TACA lowers the share: there is nothing to adapt towards
+        probe = call.share_probe(ADAPTIVE_PROBE_ROWS)
+        return taca_probe.search_gamma(probe, self.settings.target_share, self.gamma).gamma
+
+    def _selective(self, func: Callable, call: JointCall, gamma: float) -> torch.Tensor:
         return taca_attention.selective_attention(
             self._backend(func, call.heads, call.params), call.q, call.k, call.v, call.mask, call.span,
-            self.settings.gamma, call.seq_dim, key_policy(call.k, call.q, call.v))
+            gamma, call.seq_dim, key_policy(call.k, call.q, call.v))
 
-    def _exact(self, func: Callable, call: JointCall) -> torch.Tensor:
+    def _exact(self, func: Callable, call: JointCall, gamma: float) -> torch.Tensor:
         """``call`` in (B, H, N, D)."""
         # Two backend calls read the same K and V: lay them out once as contiguous (B, H, N, D) rather than
         # have the kernel re-layout strided views on every call (measured 7% of a call on the CPU).
         k, v = call.k.contiguous(), call.v.contiguous()
         policy = key_policy(k, call.q, call.v, layout_copy=k is not call.k)
-        q, mask, span, gamma = call.q, call.mask, call.span, self.settings.gamma
+        q, mask, span = call.q, call.mask, call.span
         if call.out_seq_dim == 2:
             attend = self._backend(func, call.heads, call.params)
             return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, 2, 2, policy)
@@ -310,7 +359,7 @@ class TacaAttentionOverride:
         return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape
             [(r, p if p.ndim == 3 else p.transpose(1, 2).flatten(2)) for r, p in parts], 1)
 
-    def _flex(self, call: JointCall) -> torch.Tensor:
+    def _flex(self, call: JointCall, gamma: float) -> torch.Tensor:
         """``call`` in (B, H, N, D), K and V possibly with fewer heads (enable_gqa)."""
         q, k, v, mask, params = call.q, call.k, call.v, call.mask, call.params
         dtype = q.dtype
@@ -318,7 +367,7 @@ class TacaAttentionOverride:
             q, k, v = q.float(), k.float(), v.float()  # the caller asked for fp32 attention
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        out = _FlexKernel.run(q, k, v, mask, call.span, self.settings.gamma, params.get("scale"),
+        out = _FlexKernel.run(q, k, v, mask, call.span, gamma, params.get("scale"),
                               bool(params.get("enable_gqa", False))).to(dtype)
         if call.out_seq_dim == 1:
             b, h, n, d = out.shape
@@ -338,7 +387,8 @@ class TacaApplyModelWrapper:
         options = dict(transformer_options or {})
         base_model = executor.class_obj
         sigma, position = current_sigma(t, options, base_model.model_sampling)  # t is the batch's sigma
-        if not self.settings.active_at(position):
+        gamma = self.settings.gamma_at(position)
+        if gamma == taca_settings.GAMMA_OFF:  # outside the window, or at a ramp's end
             if self.report is not None:
                 self.report.record(sigma, acted=False)
             # The key is there on TACA calls, so it is here too (see the module docstring).
@@ -347,7 +397,7 @@ class TacaApplyModelWrapper:
 
         diffusion_model = base_model.diffusion_model
         spans = self.family.layouts(diffusion_model, x, c_crossattn, kwargs)
-        override = TacaAttentionOverride(self.settings, spans, options.get(OVERRIDE_KEY))
+        override = TacaAttentionOverride(self.settings, spans, options.get(OVERRIDE_KEY), gamma, options.get(PROBE_KEY))
         options[OVERRIDE_KEY] = override
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         log.debug("TACA acted at sigma %.5f: %d joint attention calls, %d others untouched (layouts %s)",
@@ -356,7 +406,7 @@ class TacaApplyModelWrapper:
             log.debug("TACA active at sigma %.4f but no attention call had a joint layout %s (%s)",
                       sigma, spans, self.family.name)
         if self.report is not None:
-            self.report.record(sigma, True, override.joint_calls, override.other_calls)
+            self.report.record(sigma, True, override.joint_calls, override.other_calls, override.gammas)
         return out
 
 

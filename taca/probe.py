@@ -21,7 +21,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from taca.attention import TextSpan
+from .attention import TextSpan
 
 # Logit elements per chunk of query rows (float64: 128 MiB), unless the caller names a chunk size.
 CHUNK_ELEMENTS = 1 << 24

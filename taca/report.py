@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .settings import TacaSettings
 
@@ -47,6 +47,7 @@ class RunReport:
         self.attention_calls = 0
         self.untouched_attention_calls = 0
         self.acted_sigmas: List[float] = []
+        self.model_call_gammas: List[Tuple[float, List[float]]] = []  # (sigma, per joint call) of each acting call
 
     @property
     def sample_sigmas(self) -> List[float]:
@@ -73,10 +74,13 @@ class RunReport:
                 return i
         return None
 
-    def record(self, sigma: float, acted: bool, joint_calls: int = 0, other_calls: int = 0) -> None:
+    def record(self, sigma: float, acted: bool, joint_calls: int = 0, other_calls: int = 0,
+               gammas: Sequence[float] = ()) -> None:
+        """One model call: ``gammas`` are those of its joint calls, in call order (1: a call left alone)."""
         self.model_calls += 1
         if not acted:
             return
+        self.model_call_gammas.append((sigma, list(gammas)))
         self.acted_calls += 1
         self.attention_calls += joint_calls
         self.untouched_attention_calls += other_calls
