@@ -8,11 +8,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .taca_lora_loader import TACALoraLoader
 from .taca_patch_model import TACAPatchModel
+from .taca_patch_model_advanced import TACAPatchModelAdvanced
 
 
 class TacaExtension(ComfyExtension):
     async def get_node_list(self) -> List[Type[io.ComfyNode]]:
-        return [TACAPatchModel, TACALoraLoader]
+        return [TACAPatchModel, TACAPatchModelAdvanced, TACALoraLoader]
 
 
 async def comfy_entrypoint() -> TacaExtension:

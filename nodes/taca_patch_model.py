@@ -23,6 +23,43 @@ DESCRIPTION = (
 )
 
 
+def model_input() -> io.Model.Input:
+    return io.Model.Input("model", tooltip=f"A joint-attention (MM-DiT) model: {families.supported_names()}.")
+
+
+def gamma_input(extra: str = "") -> io.Float.Input:
+    return io.Float.Input(
+        "gamma", default=taca_settings.DEFAULT_GAMMA, min=taca_settings.GAMMA_MIN,
+        max=taca_settings.GAMMA_MAX, step=0.01,
+        tooltip="Temperature gamma_0 applied to image-query x text-key attention logits. "
+                f"The paper uses {taca_settings.DEFAULT_GAMMA} (1.15-1.25 all help; 1.3 helps shape but "
+                f"hurts colour). {taca_settings.GAMMA_OFF} turns TACA off." + extra,
+    )
+
+
+def mode_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "mode", options=list(taca_settings.MODES), default=taca_settings.DEFAULT_MODE,
+        tooltip="exact: eq. 10 exactly, through ComfyUI's own attention kernel (two calls during TACA steps). "
+                "selective: the paper's fast listing 2, one call, but text->text logits are scaled too. "
+                "flex: the paper's listing 1 via torch flex_attention (exact, compiled when possible; slower).",
+    )
+
+
+MODEL_OUTPUT_TOOLTIP = "The model with TACA; the input model is left unchanged."
+
+
+def patched_model(node: type, model: io.Model.Type, settings: TacaSettings) -> io.NodeOutput:
+    """``model`` cloned with TACA installed under ``settings``: what both TACA Patch Model nodes return."""
+    family = families.family_for_model(model.model)
+    if settings.mode == "flex":
+        taca_attention.require_flex()
+    patched = model.clone()
+    node_id = getattr(getattr(node, "hidden", None), "unique_id", None)
+    patch.install(patched, settings, family, node_id)
+    return io.NodeOutput(patched)
+
+
 class TACAPatchModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -32,14 +69,8 @@ class TACAPatchModel(io.ComfyNode):
             category="model_patches/taca",
             description=DESCRIPTION,
             inputs=[
-                io.Model.Input("model", tooltip=f"A joint-attention (MM-DiT) model: {families.supported_names()}."),
-                io.Float.Input(
-                    "gamma", default=taca_settings.DEFAULT_GAMMA, min=taca_settings.GAMMA_MIN,
-                    max=taca_settings.GAMMA_MAX, step=0.01,
-                    tooltip="Temperature gamma_0 applied to image-query x text-key attention logits. "
-                            f"The paper uses {taca_settings.DEFAULT_GAMMA} (1.15-1.25 all help; 1.3 helps shape but "
-                            f"hurts colour). {taca_settings.GAMMA_OFF} turns TACA off.",
-                ),
+                model_input(),
+                gamma_input(),
                 io.Float.Input(
                     "threshold_sigma", default=taca_settings.DEFAULT_THRESHOLD_SIGMA,
                     min=taca_settings.THRESHOLD_SIGMA_MIN, max=taca_settings.THRESHOLD_SIGMA_MAX, step=0.001,
@@ -49,24 +80,12 @@ class TACAPatchModel(io.ComfyNode):
                             f"Default {taca_settings.DEFAULT_THRESHOLD_SIGMA} = the first 3 of 30 steps on FLUX and "
                             "SD3.5. 0 = every step.",
                 ),
-                io.Combo.Input(
-                    "mode", options=list(taca_settings.MODES), default=taca_settings.DEFAULT_MODE,
-                    tooltip="exact: eq. 10 exactly, through ComfyUI's own attention kernel (two calls during TACA steps). "
-                            "selective: the paper's fast listing 2, one call, but text->text logits are scaled too. "
-                            "flex: the paper's listing 1 via torch flex_attention (exact, compiled when possible; slower).",
-                ),
+                mode_input(),
             ],
-            outputs=[io.Model.Output(tooltip="The model with TACA; the input model is left unchanged.")],
+            outputs=[io.Model.Output(tooltip=MODEL_OUTPUT_TOOLTIP)],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model: io.Model.Type, gamma: float, threshold_sigma: float, mode: str) -> io.NodeOutput:
-        settings = TacaSettings.from_inputs(gamma, threshold_sigma, mode)
-        family = families.family_for_model(model.model)
-        if settings.mode == "flex":
-            taca_attention.require_flex()
-        patched = model.clone()
-        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        patch.install(patched, settings, family, node_id)
-        return io.NodeOutput(patched)
+        return patched_model(cls, model, TacaSettings.from_inputs(gamma, threshold_sigma, mode))
