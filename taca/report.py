@@ -1,9 +1,16 @@
 """What TACA did in a sampling run: on which steps it acted and in how many attention calls.
 
-One ``RunReport`` per TACA Patch Model node.  The APPLY_MODEL wrapper records
+One ``RunReport`` per TACA Patch Model node (simple or Advanced).  The APPLY_MODEL wrapper records
 every model call; an OUTER_SAMPLE wrapper resets the report when a run starts
 and, when it ends, logs a summary and sends it to the frontend as the
 websocket event ``comfyui-taca.report`` (see ``as_message`` for the fields).
+
+What the Advanced node's settings did is in the same message: the window and ramp, the blocks asked for
+and those acted on, the joint attention calls the model made per model call (and a ``blocks_warning`` naming
+blocks beyond them), and the gammas: ``step_gammas`` holds, for every model call TACA acted in, its step,
+its sigma and the full list of the gammas its joint calls got, in call order (1: a call left alone), with
+their min, mean and max over the calls TACA acted on.  The full list rather than a summary, because an
+adaptive gamma differs per call and the lists are small (57 numbers per model call on FLUX.1).
 Importing this module does not import ComfyUI.
 """
 
@@ -13,7 +20,7 @@ import logging
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .settings import TacaSettings
+from .settings import GAMMA_OFF, TacaSettings, format_blocks
 
 log = logging.getLogger("comfyui-taca")
 
@@ -92,10 +99,48 @@ class RunReport:
         steps = {self.step_of(sigma) for sigma in self.acted_sigmas}
         return sorted(s for s in steps if s is not None)
 
+    @property
+    def joint_calls_per_model_call(self) -> Optional[int]:
+        """The most joint attention calls one acting model call made (None: TACA acted in none)."""
+        counts = [len(gammas) for _, gammas in self.model_call_gammas if gammas]
+        return max(counts) if counts else None
+
+    @property
+    def acted_blocks(self) -> List[int]:
+        """The joint call indices (call order, from 0) that got a gamma other than 1 in some model call."""
+        return sorted({i for _, gammas in self.model_call_gammas for i, g in enumerate(gammas) if g != GAMMA_OFF})
+
+    def blocks_beyond(self) -> List[int]:
+        """The blocks asked for that this model's model calls did not reach."""
+        made = self.joint_calls_per_model_call
+        return [] if made is None else [b for b in self.settings.blocks if b >= made]
+
+    def blocks_warning(self) -> Optional[str]:
+        beyond = self.blocks_beyond()
+        if not beyond:
+            return None
+        return (f"blocks {format_blocks(beyond)} name joint attention calls this model does not make: it makes "
+                f"{self.joint_calls_per_model_call} per model call (0-{self.joint_calls_per_model_call - 1}).")
+
+    def step_gammas(self) -> List[Dict[str, Any]]:
+        """Per acting model call: its step, sigma, every joint call's gamma, and min/mean/max over those TACA
+        acted on (all None when it acted on none: blocks beyond the model, an adaptive gamma of 1 everywhere)."""
+        out = []
+        for sigma, gammas in self.model_call_gammas:
+            acted = [g for g in gammas if g != GAMMA_OFF]
+            out.append({"step": self.step_of(sigma), "sigma": sigma, "gammas": gammas,
+                        "min": min(acted) if acted else None, "max": max(acted) if acted else None,
+                        "mean": sum(acted) / len(acted) if acted else None})
+        return out
+
     def warning(self) -> Optional[str]:
         if not self.settings.enabled:
             return f"TACA never acted: gamma is {self.settings.gamma}, which turns TACA off."
-        if self.attention_calls > 0 or self.model_calls == 0:
+        if self.model_calls == 0:
+            return None
+        if self.attention_calls > 0:
+            if self.settings.blocks and not self.acted_blocks and self.blocks_beyond() == list(self.settings.blocks):
+                return f"TACA never acted: {self.blocks_warning()}"
             return None
         if self.acted_calls == 0:
             first = self.sample_sigmas[0] if self.sample_sigmas else None
@@ -127,6 +172,17 @@ class RunReport:
             "attention_calls": self.attention_calls,
             "untouched_attention_calls": self.untouched_attention_calls,
             "warning": self.warning(),
+            # the Advanced node's settings (their defaults: the simple node) and what they did
+            "sigma_start": self.settings.sigma_start,
+            "sigma_end": self.settings.threshold_sigma,
+            "ramp": self.settings.ramp,
+            "blocks": format_blocks(self.settings.blocks),
+            "target_share": self.settings.target_share,
+            "joint_calls_per_model_call": self.joint_calls_per_model_call,
+            "acted_blocks": self.acted_blocks,
+            "blocks_beyond": self.blocks_beyond(),
+            "blocks_warning": self.blocks_warning(),
+            "step_gammas": self.step_gammas(),
         }
 
     def summary(self) -> str:
@@ -134,14 +190,40 @@ class RunReport:
         if m["warning"]:
             return m["warning"]
         steps = ", ".join(str(s) for s in m["acted_steps"]) or "none"
-        return (f"TACA acted on steps {steps} of {m['steps_total']} ({m['time_scale']} >= {m['threshold_sigma']:g}, gamma "
+        window = f"{m['time_scale']} >= {m['threshold_sigma']:g}"
+        if m["sigma_start"] is not None:  # the Advanced node
+            window = f"{m['threshold_sigma']:g} <= {m['time_scale']} <= {m['sigma_start']:g}, ramp {m['ramp']}"
+        text = (f"TACA acted on steps {steps} of {m['steps_total']} ({window}, gamma "
                 f"{m['gamma']:g}, {m['mode']}): {m['attention_calls']} joint attention calls in "
                 f"{m['model_calls_acted']} of {m['model_calls']} model calls.")
+        return text + self._advanced_summary(m)
+
+    @staticmethod
+    def _advanced_summary(m: Dict[str, Any]) -> str:
+        """What the Advanced settings did, in words ("" for the simple node's settings)."""
+        parts = []
+        if m["blocks"]:
+            acted = format_blocks(m["acted_blocks"]) or "none"
+            parts.append(f"Blocks {m['blocks']}: acted on {acted} of {m['joint_calls_per_model_call']} joint calls "
+                         "per model call.")
+        if m["blocks_warning"]:
+            parts.append(m["blocks_warning"][0].upper() + m["blocks_warning"][1:])
+        if m["sigma_start"] is not None and (m["ramp"] != "constant" or m["target_share"] > 0):
+            per_step = "; ".join(
+                f"{e['step'] if e['step'] is not None else 'sigma %.4g' % e['sigma']}: "
+                + ("1" if e["min"] is None else f"{e['min']:.4g}" if e["min"] == e["max"]
+                   else f"{e['min']:.4g}-{e['max']:.4g} (mean {e['mean']:.4g})")
+                for e in m["step_gammas"])
+            target = f", adaptive towards share {m['target_share']:g}" if m["target_share"] > 0 else ""
+            parts.append(f"Gamma per step{target}: {per_step}.")
+        return "".join(" " + p for p in parts)
 
     def publish(self) -> None:
         message = self.as_message()
         if message["warning"]:
             log.warning("[node %s] %s", self.node_id, message["warning"])
+        elif message["blocks_warning"]:
+            log.warning("[node %s] %s", self.node_id, self.summary())
         else:
             log.info("[node %s] %s", self.node_id, self.summary())
         server = running_server()
