@@ -59,6 +59,10 @@ def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
 
 def validate_schedule(sigma_start: Optional[float], sigma_end: float, ramp: str, target_share: float) -> None:
     """Raise ValueError naming the bad schedule value of the Advanced node and the accepted range."""
+    if not _in_range(sigma_end, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):  # the node's name for threshold_sigma
+        raise ValueError(f"TACA: sigma_end={sigma_end!r} is out of range; use a sigma in "
+                         f"[{THRESHOLD_SIGMA_MIN:g}, {THRESHOLD_SIGMA_MAX:g}] (default {DEFAULT_THRESHOLD_SIGMA}, "
+                         f"i.e. t_thresh = {DEFAULT_THRESHOLD_SIGMA * 1000:g} in the paper).")
     if sigma_start is not None:
         if not _in_range(sigma_start, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):
             raise ValueError(f"TACA: sigma_start={sigma_start!r} is out of range; use a sigma in "
@@ -127,8 +131,8 @@ class TacaSettings(NamedTuple):
     def from_advanced_inputs(cls, gamma: float, sigma_start: float, sigma_end: float, ramp: str, blocks: str,
                              target_share: float, mode: str) -> "TacaSettings":
         """The Advanced node's settings, validated (ValueError naming the bad input)."""
-        validate_settings(gamma, sigma_end, mode)
         validate_schedule(sigma_start, sigma_end, ramp, target_share)
+        validate_settings(gamma, sigma_end, mode)
         return cls(float(gamma), float(sigma_end), mode, float(sigma_start), ramp, parse_blocks(blocks),
                    float(target_share))
 

@@ -26,6 +26,14 @@ def taca(pack_nodes, model, gamma: float = GAMMA, threshold: float = THRESHOLD, 
                                                 mode=mode).result[0]
 
 
+def advanced(pack_nodes, model, gamma: float = GAMMA, sigma_start: float = 1.0, sigma_end: float = THRESHOLD,
+             ramp: str = "constant", blocks: str = "", target_share: float = 0.0, mode: str = "exact"):
+    """``model`` patched by the TACA Patch Model (Advanced) node (defaults: the node's)."""
+    return pack_nodes["TACAPatchModelAdvanced"].execute(
+        model=model, gamma=gamma, sigma_start=sigma_start, sigma_end=sigma_end, ramp=ramp, blocks=blocks,
+        target_share=target_share, mode=mode).result[0]
+
+
 def with_override(patcher, override: Callable):
     """A clone of ``patcher`` with an attention override set, as a Sage/Flash patch node would.
 
@@ -79,13 +87,22 @@ class ReferenceTacaAttention:
     eq. 11 on a discrete-time model).  ``post`` is applied to the output
     of every call (to model a composed override).  ``listing2=True`` scales the text keys for every query (the
     paper's listing 2, 'selective').  Counters: ``joint_calls`` per length, ``other_calls`` as (q length, k length).
+
+    ``gamma`` may be a callable ``gamma(sigma, index)``: each joint call's own gamma, ``index`` being the call's place
+    among the joint calls of its model call (counted per sigma, modulo ``calls_per_model_call`` when given, for model
+    calls that share a sigma); a gamma of 1 leaves the call to ComfyUI's kernel.  ``gammas`` records
+    (sigma, index, gamma) of every joint call.
     """
 
-    def __init__(self, layouts: Dict[int, Tuple[int, int]], gamma: float,
+    def __init__(self, layouts: Dict[int, Tuple[int, int]], gamma: Union[float, Callable[[float, int], float]],
                  threshold: Union[float, Callable[[float], bool], None] = None,
-                 post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, listing2: bool = False):
+                 post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, listing2: bool = False,
+                 calls_per_model_call: Optional[int] = None):
         self.layouts = {int(n): (int(a), int(b)) for n, (a, b) in layouts.items()}
         self.gamma = gamma
+        self.calls_per_model_call = calls_per_model_call
+        self._seen_at_sigma: Dict[float, int] = {}
+        self.gammas: List[Tuple[float, int, float]] = []
         self.threshold = threshold
         self.post = post or (lambda out: out)
         self.listing2 = listing2
@@ -109,13 +126,26 @@ class ReferenceTacaAttention:
             self.other_calls.append((n, n_key))
             return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                                   skip_output_reshape=skip_output_reshape, **kwargs))
+        gamma = self.gamma
+        if callable(gamma):
+            sigma = float(kwargs["transformer_options"].get("sigmas").max())
+            index = self._seen_at_sigma.get(sigma, 0)
+            self._seen_at_sigma[sigma] = index + 1
+            if self.calls_per_model_call:
+                index %= self.calls_per_model_call
+            gamma = float(gamma(sigma, index))
+            self.gammas.append((sigma, index, gamma))
+            if gamma == 1.0:
+                self.other_calls.append((n, n_key))
+                return self.post(func(q, k, v, heads, mask=mask, attn_precision=attn_precision,
+                                      skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs))
         self.joint_calls_by_length[n_key] += 1
         q4, k4, v4, scale = _reference_bhnd(q, k, v, heads, skip_reshape, kwargs)
         rows = [i for i in range(n_key) if n == n_key or not start <= i < stop]  # the sequence rows of the queries
         if n != n_key:  # the visual rows alone: put them in their places in the sequence (text queries left 0)
             assert mask is None, "a mask over the visual rows alone is not modelled here"
             q4 = q4.new_zeros(q4.shape[:2] + (n_key, q4.shape[3])).index_copy_(2, torch.tensor(rows), q4)
-        out = taca_reference(q4, k4, v4, start, stop, self.gamma, _mask_4d(mask),
+        out = taca_reference(q4, k4, v4, start, stop, gamma, _mask_4d(mask),
                              visual_rows_only_text_scaling=not self.listing2, scale=scale)[:, :, rows].to(q.dtype)
         if not skip_output_reshape:
             b, h, n_, d = out.shape
