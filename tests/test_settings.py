@@ -2,6 +2,7 @@
 ComfyUI version, and which errors switch flex compilation off."""
 
 import copy
+import math
 import logging
 import sys
 
@@ -152,3 +153,50 @@ def test_a_compiler_failure_falls_back_to_eager_flex(fresh_flex_kernel, monkeypa
     assert fresh_flex_kernel.compile_failed
     assert "torch.compile of flex_attention failed (BackendCompilerFailed" in caplog.text
     assert max_row_rel_err(out, taca_reference(q, k, v, 0, 6, 1.2)) <= 1e-4
+
+
+@pytest.mark.parametrize("text,blocks", [
+    ("", ()), (" ", ()), ("3", (3,)), ("0-2,5", (0, 1, 2, 5)), (" 5 , 0 - 2 ,", (0, 1, 2, 5)), ("2-2", (2,)),
+    ("4,1-3,2", (1, 2, 3, 4)), ("1023", (1023,)),
+])
+def test_blocks_text_parses_to_sorted_indices_and_formats_back(text, blocks):
+    assert taca_settings.parse_blocks(text) == blocks
+    assert taca_settings.parse_blocks(taca_settings.format_blocks(blocks)) == blocks
+
+
+@pytest.mark.parametrize("text,words", [
+    ("a", "'a' is not a block index"), ("1-", "'1-' is not"), ("-3", "'-3' is not"), ("1.5", "'1.5' is not"),
+    ("7-3", "runs backwards"), ("1024", "1024 is above 1023"), ("0-2000", "2000 is above 1023"),
+])
+def test_bad_blocks_text_is_refused_naming_the_item(text, words):
+    with pytest.raises(ValueError) as err:
+        taca_settings.parse_blocks(text)
+    assert words in str(err.value) and "blocks=" in str(err.value)
+
+
+def test_the_ramp_runs_from_gamma_at_sigma_start_to_one_at_sigma_end():
+    for ramp in taca_settings.RAMPS:
+        s = TacaSettings.from_advanced_inputs(1.5, 0.9, 0.5, ramp, "", 0.0, "exact")
+        assert s.gamma_at(0.9) == pytest.approx(1.5) and s.gamma_at(0.91) == 1.0 and s.gamma_at(0.49) == 1.0
+        assert s.gamma_at(0.5) == pytest.approx(1.5 if ramp == "constant" else 1.0)
+    linear = TacaSettings.from_advanced_inputs(1.5, 0.9, 0.5, "linear", "", 0.0, "exact")
+    cosine = TacaSettings.from_advanced_inputs(1.5, 0.9, 0.5, "cosine", "", 0.0, "exact")
+    assert linear.gamma_at(0.7) == pytest.approx(1.25) == cosine.gamma_at(0.7)  # both halfway at the middle
+    assert cosine.gamma_at(0.6) == pytest.approx(1.0 + 0.5 * (1 - math.cos(math.pi / 4)) / 2)
+    below = TacaSettings.from_advanced_inputs(0.8, 1.0, 0.0, "linear", "", 0.0, "exact")  # gamma < 1 ramps up to 1
+    assert below.gamma_at(1.0) == pytest.approx(0.8) and below.gamma_at(0.5) == pytest.approx(0.9)
+
+
+def test_a_window_of_one_sigma_and_the_edges_of_the_ranges():
+    point = TacaSettings.from_advanced_inputs(1.3, 0.7, 0.7, "cosine", "", 0.0, "exact")
+    assert point.gamma_at(0.7) == 1.3 and point.gamma_at(0.7001) == 1.0 and point.gamma_at(0.6999) == 1.0
+    edges = TacaSettings.from_advanced_inputs(3.0, 1.0, 0.0, "constant", "0-1023", 0.99, "flex")
+    assert edges.adaptive and edges.acts_on_block(1023) and edges.gamma_at(0.0) == 3.0
+    off = TacaSettings.from_advanced_inputs(1.0, 1.0, 0.0, "linear", "", 0.5, "exact")
+    assert not off.enabled and off.gamma_at(0.5) == 1.0
+    with pytest.raises(ValueError, match="sigma_end=0.97 is above sigma_start=0.9"):
+        TacaSettings.from_advanced_inputs(1.2, 0.9, 0.97, "constant", "", 0.0, "exact")
+    with pytest.raises(ValueError, match="sigma_end=1.2 is out of range"):
+        TacaSettings.from_advanced_inputs(1.2, 1.0, 1.2, "constant", "", 0.0, "exact")
+    with pytest.raises(ValueError, match="target_share=inf"):
+        TacaSettings.from_advanced_inputs(1.2, 1.0, 0.97, "constant", "", float("inf"), "exact")
