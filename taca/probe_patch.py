@@ -59,21 +59,17 @@ class StepRecord(NamedTuple):
 def token_grid(latent_shape: Sequence[int], n_visual: int) -> Tuple[int, int, int]:
     """(height, width, tokens) of the image token grid inside ``n_visual`` visual tokens of a latent.
 
-    The smallest patch p of ``GRID_PATCHES`` whose grid ceil(H/p) x ceil(W/p) divides ``n_visual`` (several
-    grids: frames, or references of the image's size, which are averaged); else the smallest whose grid fits,
-    taking the first that many visual tokens (references and padding follow the image in every supported
-    family's joint sequence); else, or for a latent that is not (B, C, [T,] H, W), one row of all the visual
-    tokens in sequence order.
+    The smallest patch p of ``GRID_PATCHES`` whose grid ceil(H/p) x ceil(W/p) fits in ``n_visual``: when it
+    divides it, every visual token (several grids: frames, or references of the image's size, averaged); else
+    the first that many visual tokens (references and padding follow the image in the supported families'
+    joint sequences).  For a latent that is not (B, C, [T,] H, W), one row of all the visual tokens in order.
     """
     if len(latent_shape) >= 4 and n_visual > 0:
         h, w = int(latent_shape[-2]), int(latent_shape[-1])
-        grids = [(math.ceil(h / p), math.ceil(w / p)) for p in GRID_PATCHES]
-        for gh, gw in grids:
-            if gh * gw <= n_visual and n_visual % (gh * gw) == 0:
-                return gh, gw, n_visual
-        for gh, gw in grids:
+        for p in GRID_PATCHES:
+            gh, gw = math.ceil(h / p), math.ceil(w / p)
             if gh * gw <= n_visual:
-                return gh, gw, gh * gw
+                return gh, gw, n_visual if n_visual % (gh * gw) == 0 else gh * gw
     return 1, max(n_visual, 1), n_visual
 
 
