@@ -19,12 +19,24 @@
 // What was last drawn is kept in `node.tacaPlot` (bar coordinates in CSS pixels of the plot's
 // canvas, `node.tacaCanvas`) and the run feedback in `node.tacaFeedback`, for tests and other
 // extensions.
+//
+// "TACA Patch Model (Advanced)" gets the same plot and feedback: each bar's height is the step's gamma
+// under its window (sigma_end <= position <= sigma_start) and ramp (constant, or linear / cosine from
+// gamma at sigma_start to 1 at sigma_end), the label names the window and ramp, and after a run the
+// feedback also names the blocks acted on of the model's joint calls per model call, any blocks beyond
+// them (in the warning colour), and the gammas of each acting step (their range when adaptive).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXTENSION_NAME = "comfyui-taca.schedule";
 const NODE_TYPE = "TACAPatchModel";
+const ADVANCED_TYPE = "TACAPatchModelAdvanced";
+const NODE_TYPES = [NODE_TYPE, ADVANCED_TYPE];
+// the widgets the plot reads: the simple node's threshold is the Advanced node's sigma_end
+const THRESHOLD_WIDGET = { [NODE_TYPE]: "threshold_sigma", [ADVANCED_TYPE]: "sigma_end" };
+const PLOT_WIDGETS = { [NODE_TYPE]: ["gamma", "threshold_sigma"],
+  [ADVANCED_TYPE]: ["gamma", "sigma_start", "sigma_end", "ramp"] };
 const REPORT_EVENT = "comfyui-taca.report";
 const WIDGET_NAME = "taca_schedule";
 const NOMINAL_STEPS = 30;
@@ -94,11 +106,33 @@ function widgetValue(node, name) {
   return Number.isFinite(v) ? v : inputDefaults[name];
 }
 
+function widgetText(node, name) {
+  const w = node.widgets?.find((x) => x.name === name);
+  return w && typeof w.value === "string" ? w.value : inputDefaults[name];
+}
+
+/** The Advanced node's window and ramp ({start, ramp}), or null for the simple node. */
+function nodeSchedule(node) {
+  if (node.comfyClass !== ADVANCED_TYPE) return null;
+  return { start: widgetValue(node, "sigma_start"), ramp: widgetText(node, "ramp") ?? "constant" };
+}
+
+/** The step's gamma at `position` (taca/settings.py TacaSettings.gamma_at): 1 outside the window. */
+function gammaAt(position, gamma, threshold, schedule) {
+  if (gamma === 1 || position < threshold) return 1;
+  if (!schedule) return gamma;
+  if (position > schedule.start) return 1;
+  if (schedule.ramp === "constant" || schedule.start <= threshold) return gamma;
+  let weight = (position - threshold) / (schedule.start - threshold);
+  if (schedule.ramp === "cosine") weight = 0.5 - 0.5 * Math.cos(Math.PI * weight);
+  return 1 + (gamma - 1) * weight;
+}
+
 /**
  * What the schedule plot shows for these settings: one entry per step.
  * `report` is the last "comfyui-taca.report" for the node, or null.
  */
-function computePlot(gamma, threshold, report) {
+function computePlot(gamma, threshold, report, schedule = null) {
   const fromRun = !!(report && Array.isArray(report.sample_sigmas) && report.sample_sigmas.length >= 2);
   const sigmas = fromRun ? report.sample_sigmas.map(Number) : nominalSigmas();
   // What the threshold is compared with: the sigma on flow models, t/1000 on discrete-time ones (the run says).
@@ -108,8 +142,12 @@ function computePlot(gamma, threshold, report) {
   const steps = sigmas.length - 1;
   const active = [];
   // gamma 1 is the unpatched model: TACA acts on no step
-  for (let i = 0; i < steps; i++) active.push(gamma !== 1 && positions[i] >= threshold);
-  const heights = active.map((a) => (a ? gamma : 1));
+  const heights = [];
+  for (let i = 0; i < steps; i++) {
+    const g = gammaAt(positions[i], gamma, threshold, schedule);
+    heights.push(g);
+    active.push(g !== 1);
+  }
   const activeSteps = active.flatMap((a, i) => (a ? [i] : []));
   const source = fromRun ? "last run" : "nominal";
   const sourceText = fromRun ? "from last run" : `nominal ${NOMINAL_STEPS}-step schedule`;
@@ -117,11 +155,19 @@ function computePlot(gamma, threshold, report) {
   if (gamma === 1) label = `gamma 1: TACA off (${sourceText})`;
   else if (activeSteps.length === 0) label = `gamma ${fmt(gamma)} on no step of ${steps}: no ${scale} >= ${fmt(threshold)} (${sourceText})`;
   else label = `gamma ${fmt(gamma)} on steps ${formatSteps(activeSteps)} of ${steps} (${sourceText})`;
-  return { sigmas, active, heights, activeSteps, steps, gamma, threshold, source, label, bars: [] };
+  if (schedule && gamma !== 1) {
+    const ramped = schedule.ramp !== "constant" ? `${fmt(gamma)}→1 (${schedule.ramp})` : fmt(gamma);
+    const window = `window ${scale} ${fmt(threshold)}-${fmt(schedule.start)}`;
+    label = activeSteps.length
+      ? `gamma ${ramped} on steps ${formatSteps(activeSteps)} of ${steps}, ${window} (${sourceText})`
+      : `gamma ${ramped} on no step of ${steps}: no ${scale} in ${window} (${sourceText})`;
+  }
+  return { sigmas, active, heights, activeSteps, steps, gamma, threshold, source, label, bars: [],
+           sigmaStart: schedule ? schedule.start : null, ramp: schedule ? schedule.ramp : null };
 }
 
 /** The text lines for the last run report, or null before any run. */
-function computeFeedback(report) {
+function computeFeedback(report, advanced = false) {
   if (!report) return null;
   const steps = Array.isArray(report.acted_steps) ? report.acted_steps.map(Number) : [];
   const total = Number(report.steps_total);
@@ -131,7 +177,33 @@ function computeFeedback(report) {
   let text = null;
   if (steps.length) text = `TACA acted on steps ${formatSteps(steps, 4)} of ${total} · ${calls} attention call${calls === 1 ? "" : "s"}`;
   else if (!warning) text = `TACA did not act in the last run (${total} steps)`;
-  return { text, warning, acted_steps: steps, steps_total: total, attention_calls: calls };
+  const feedback = { text, warning, acted_steps: steps, steps_total: total, attention_calls: calls, details: [],
+                     blocksWarning: null };
+  if (advanced) addAdvancedFeedback(feedback, report);
+  return feedback;
+}
+
+/** What the Advanced settings did (taca/report.py): blocks, blocks beyond the model, the gammas per step. */
+function addAdvancedFeedback(feedback, report) {
+  const perCall = report.joint_calls_per_model_call;
+  const acted = Array.isArray(report.acted_blocks) ? report.acted_blocks.map(Number) : [];
+  if (report.blocks && perCall != null) {
+    feedback.details.push(`blocks ${report.blocks}: acted on ${formatSteps(acted) || "none"} of ${perCall} joint calls per model call`);
+  } else if (perCall != null) {
+    feedback.details.push(`all ${perCall} joint calls per model call`);
+  }
+  if (report.blocks_warning != null && report.warning == null) feedback.blocksWarning = String(report.blocks_warning);
+  const entries = Array.isArray(report.step_gammas) ? report.step_gammas : [];
+  const perStep = entries.filter((e) => e.min != null).map((e) => {
+    const where = e.step == null ? `sigma ${fmt(Number(e.sigma))}` : String(e.step);
+    const range = e.min === e.max ? fmt(Number(e.min)) : `${fmt(Number(e.min))}-${fmt(Number(e.max))}`;
+    return `${where}: ${range}`;
+  });
+  const adaptive = Number(report.target_share) > 0;
+  if (perStep.length) {
+    feedback.details.push(`gamma per step${adaptive ? ` (adaptive, share ${fmt(Number(report.target_share))})` : ""}: ${perStep.join(", ")}`);
+  }
+  feedback.stepGammas = entries.map((e) => ({ step: e.step, min: e.min, max: e.max, mean: e.mean }));
 }
 
 // ----------------------------------------------------------------------------------- drawing
@@ -172,17 +244,21 @@ function wrapText(ctx, text, maxWidth) {
 function layout(node, width) {
   const ctx = measurer();
   const inner = Math.max(40, width - 2 * PAD);
-  const plot = computePlot(widgetValue(node, "gamma"), widgetValue(node, "threshold_sigma"),
-    node.tacaReport ?? null);
+  const plot = computePlot(widgetValue(node, "gamma"), widgetValue(node, THRESHOLD_WIDGET[node.comfyClass] ?? "threshold_sigma"),
+    node.tacaReport ?? null, nodeSchedule(node));
   const labelLines = wrapText(ctx, plot.label, inner);
-  const feedback = computeFeedback(node.tacaReport ?? null);
+  const feedback = computeFeedback(node.tacaReport ?? null, node.comfyClass === ADVANCED_TYPE);
   const feedbackLines = [];
   if (feedback) {
     if (feedback.text) {
       for (const l of wrapText(ctx, feedback.text, inner)) feedbackLines.push({ text: l, color: COLORS.ok });
     }
-    if (feedback.warning) {
-      for (const l of wrapText(ctx, `⚠ ${feedback.warning}`, inner)) feedbackLines.push({ text: l, color: COLORS.warning });
+    for (const detail of feedback.details ?? []) {
+      for (const l of wrapText(ctx, detail, inner)) feedbackLines.push({ text: l, color: COLORS.label });
+    }
+    for (const warning of [feedback.warning, feedback.blocksWarning]) {
+      if (warning == null) continue;
+      for (const l of wrapText(ctx, `⚠ ${warning}`, inner)) feedbackLines.push({ text: l, color: COLORS.warning });
     }
   }
   const height = PAD + labelLines.length * LINE + 4 + BARS_HEIGHT + 4 + feedbackLines.length * LINE + PAD;
@@ -294,9 +370,9 @@ function refresh(node) {
     const measured = view.element.clientWidth;
     // not laid out yet (hidden, off screen, collapsed): the width the classic renderer will give it
     const width = measured > 0 ? measured : Math.max(60, (node.size?.[0] ?? 320) - 2 * margin(view));
-    const gamma = widgetValue(node, "gamma");
-    const threshold = widgetValue(node, "threshold_sigma");
-    const key = `${gamma}|${threshold}|${view.reportSeq}|${width}`;
+    const values = (PLOT_WIDGETS[node.comfyClass] ?? PLOT_WIDGETS[NODE_TYPE]).map((name) => String(
+      name === "ramp" ? widgetText(node, name) : widgetValue(node, name)));
+    const key = `${values.join("|")}|${view.reportSeq}|${width}`;
     if (key === view.key) return;
     view.key = key;
     const lay = layout(node, width);
@@ -364,7 +440,7 @@ function addScheduleWidget(node) {
 
   // A value typed, dragged or picked in either renderer reaches the widget's callback (Vue nodes call it
   // too; onWidgetChanged is the classic canvas's only). The chain keeps whatever callback was there.
-  for (const name of ["gamma", "threshold_sigma"]) {
+  for (const name of PLOT_WIDGETS[node.comfyClass] ?? PLOT_WIDGETS[NODE_TYPE]) {
     const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
     const callback = w.callback;
@@ -403,7 +479,7 @@ function onReport(event) {
     const detail = event?.detail;
     if (!detail || typeof detail !== "object") return;
     const node = findNode(detail.node_id);
-    if (!node || node.comfyClass !== NODE_TYPE || !node.tacaView) return;
+    if (!node || !NODE_TYPES.includes(node.comfyClass) || !node.tacaView) return;
     node.tacaReport = detail;
     node.tacaView.reportSeq += 1;
     refresh(node);
@@ -418,9 +494,10 @@ app.registerExtension({
     api.addEventListener(REPORT_EVENT, onReport);
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_TYPE) return;
-    for (const name of ["gamma", "threshold_sigma"]) {
-      inputDefaults[name] = Number(nodeData.input?.required?.[name]?.[1]?.default);
+    if (!NODE_TYPES.includes(nodeData?.name)) return;
+    for (const name of PLOT_WIDGETS[nodeData.name]) {
+      const value = nodeData.input?.required?.[name]?.[1]?.default;
+      inputDefaults[name] = name === "ramp" ? String(value ?? "constant") : Number(value);
     }
     const proto = nodeType.prototype;
     const onDrawForeground = proto.onDrawForeground;
@@ -448,7 +525,7 @@ app.registerExtension({
     };
   },
   nodeCreated(node) {
-    if (node?.comfyClass !== NODE_TYPE) return;
+    if (!NODE_TYPES.includes(node?.comfyClass)) return;
     addScheduleWidget(node);
   },
 });

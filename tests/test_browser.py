@@ -282,7 +282,7 @@ def test_extension_is_served_and_registered(server, clean_page):
 
 
 def test_node_help_pages_are_served_with_every_input(server, object_info):
-    for node in ("TACAPatchModel", "TACALoraLoader"):
+    for node in ("TACAPatchModel", "TACAPatchModelAdvanced", "TACALoraLoader"):
         info = object_info[node]
         # the frontend finds a custom node's help under /extensions/<pack>/docs/ from its python_module
         assert info["python_module"].split(".")[:2] == ["custom_nodes", "comfyui-taca"]
@@ -562,3 +562,99 @@ def test_warning_appears_when_the_run_starts_below_the_threshold(demo_run, page,
         assert bh.count_color(image, d["titleBox"], bh.hex_rgb(WARNING), 30) > 30
     save_artifact(page, "tiny_taca_demo_warning.png")
     assert page.taca_errors == []
+
+
+# ------------------------------------------------------------------------------------------ the Advanced node
+
+# gamma, sigma_start, sigma_end, ramp, blocks, target_share, mode: a window that leaves out step 0, a falling ramp,
+# the second of the tiny demo model's 2 joint attention calls and two it does not make, and an adaptive gamma
+ADVANCED_INPUTS = [1.5, 0.99, 0.8, "linear", "1,5-6", 0.6, "exact"]
+
+
+def advanced_demo():
+    """The tiny demo with its TACA Patch Model replaced by an Advanced one (ADVANCED_INPUTS), and the nodes below
+    it moved down to make room for its widgets."""
+    workflow = load_json(TINY)
+    node = next(n for n in workflow["nodes"] if n["type"] == "TACAPatchModel")
+    node.update(type="TACAPatchModelAdvanced", widgets_values=list(ADVANCED_INPUTS), size=[340, 560],
+                properties={"Node name for S&R": "TACAPatchModelAdvanced"})
+    for other in workflow["nodes"]:
+        if other is not node and other["pos"][1] > node["pos"][1] and abs(other["pos"][0] - node["pos"][0]) < 200:
+            other["pos"] = [other["pos"][0], other["pos"][1] + 500]
+    return workflow, node["id"]
+
+
+def ramp_gamma(position, gamma=ADVANCED_INPUTS[0], start=ADVANCED_INPUTS[1], end=ADVANCED_INPUTS[2]):
+    """The linear ramp's gamma at ``position``, from the node's documented formula."""
+    if not end <= position <= start:
+        return 1.0
+    return 1.0 + (gamma - 1.0) * (position - end) / (start - end)
+
+
+def test_advanced_node_shows_its_window_ramp_blocks_and_gammas(page, server):
+    before_errors = len(page.taca_errors)
+    status, _ = server.post("/free", {"free_memory": True})  # the other renderer's run is cached otherwise
+    assert status == 200
+    time.sleep(1.0)
+    workflow, node_id = advanced_demo()
+    load(page, workflow)
+    focus_taca(page, node_id)
+    nominal = drawn(page, node_id)["plot"]
+    assert nominal["source"] == "nominal" and nominal["sigmaStart"] == 0.99 and nominal["ramp"] == "linear"
+    assert nominal["heights"] == pytest.approx([ramp_gamma(s) for s in nominal_comfy_sigmas()[:-1]], abs=1e-5)
+    assert "gamma 1.5→1 (linear) on steps" in nominal["label"] and "window sigma 0.8-0.99" in nominal["label"]
+
+    n_reports = len(bh.events(page, "comfyui-taca.report"))
+    _, history = queue_from_page(page, server)
+    assert history["status"]["status_str"] == "success", history["status"]
+    reports = [r for r in bh.events(page, "comfyui-taca.report")[n_reports:] if r["node_id"] == str(node_id)]
+    assert len(reports) == 1
+    report = reports[0]
+    d = drawn(page, node_id, condition="feedback !== null && plot.source === 'last run'")
+    image = bh.screenshot(page)
+    save_artifact(page, "tiny_taca_demo_advanced_after_run.png")
+
+    # the run: the window's steps, the one block the model has, the blocks it has not, gammas within the ramp's
+    positions = report["sample_positions"][:-1]
+    expected_steps = [i for i, p in enumerate(positions) if ramp_gamma(p) != 1.0]
+    assert 0 not in expected_steps and len(expected_steps) >= 3
+    assert report["acted_steps"] == expected_steps and report["warning"] is None
+    assert (report["sigma_start"], report["sigma_end"], report["ramp"], report["blocks"], report["target_share"]) == (
+        0.99, 0.8, "linear", "1,5-6", 0.6)
+    assert report["joint_calls_per_model_call"] == 2 and report["acted_blocks"] == [1]
+    assert report["blocks_beyond"] == [5, 6]
+    assert report["blocks_warning"].startswith(
+        "blocks 5-6 name joint attention calls this model does not make: it makes 2 per model call")
+    for entry in report["step_gammas"]:
+        assert entry["gammas"][0] == 1.0 and 1.0 <= entry["gammas"][1] <= ramp_gamma(entry["sigma"]) + 1e-9
+
+    # what is drawn: bars of the ramp at the run's sigmas, and the feedback of every setting
+    plot, feedback = d["plot"], d["feedback"]
+    assert plot["heights"] == pytest.approx([ramp_gamma(p) for p in positions], abs=1e-9)
+    assert plot["activeSteps"] == expected_steps
+    assert "from last run" in plot["label"] and "window sigma 0.8-0.99" in plot["label"]
+    text = " ".join(feedback["lines"])
+    assert "TACA acted on steps " in text and feedback["acted_steps"] == expected_steps
+    assert "blocks 1,5-6: acted on 1 of 2 joint calls per model call" in text
+    assert "gamma per step (adaptive, share 0.6): " in text
+    assert feedback["blocksWarning"] == report["blocks_warning"] and feedback["warning"] is None
+    assert ("⚠ " + report["blocks_warning"]) in text
+    assert [(e["step"], e["min"], e["max"]) for e in feedback["stepGammas"]] == [
+        (e["step"], e["min"], e["max"]) for e in report["step_gammas"]]
+
+    bars = plot["bars"]
+    for bar in bars:
+        expected = ACTIVE if bar["active"] else INACTIVE
+        assert bh.close(bh.pixel(image, bar["centre"]), bh.hex_rgb(expected), 3), bar
+    first, off = bars[expected_steps[0]], bars[0]
+    h_first = bh.column_run(image, first["centre"][0], first["top"][1] - 3, first["bottom"][1] + 3, bh.hex_rgb(ACTIVE))
+    h_off = bh.column_run(image, off["centre"][0], first["top"][1] - 3, off["bottom"][1] + 3, bh.hex_rgb(INACTIVE))
+    assert h_first / h_off == pytest.approx(plot["heights"][expected_steps[0]], abs=0.1)
+    assert bars[expected_steps[0]]["h"] > bars[expected_steps[-1]]["h"]  # the ramp falls over the window
+    box = [d["widgetBox"][0], bars[0]["bottom"][1] + 2, d["widgetBox"][2], d["widgetBox"][3]]
+    assert bh.count_color(image, box, bh.hex_rgb("#8fd694"), 30) > 20
+    assert bh.count_color(image, box, bh.hex_rgb(WARNING), 30) > 30  # the blocks warning
+    assert all(d["onTop"]), d["onTop"]
+    if not vue_mode(page):
+        assert d["titleWarning"] is None  # TACA acted: no "never acted" flag
+    assert page.taca_errors[before_errors:] == []
