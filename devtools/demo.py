@@ -6,7 +6,9 @@
 It generates the tiny models if needed (no download), starts ComfyUI on loopback with this pack, submits the
 comparison workflow in the API format the frontend produces (``devtools.workflows.ui_to_api`` over the
 server's ``/object_info``), shows progress, stops the server, and writes to ``demo_output/``:
-``taca_compare.png`` (without TACA | with TACA | difference) and ``report.md``.
+``taca_compare.png`` (without TACA | with TACA | difference), ``taca_probe.png`` and ``taca_probe.json`` (what the
+TACA Attention Probe measured on the TACA branch: the image-to-text attention share, plain vs TACA) and
+``report.md``.
 """
 
 from __future__ import annotations
@@ -173,6 +175,28 @@ def fetch_image(server: ComfyServer, history: Dict[str, Any], node_id: str):
         return Image.open(io.BytesIO(r.read())).convert("RGB")
 
 
+def fetch_probe(server: ComfyServer, history: Dict[str, Any], prompt: Dict[str, Any]):
+    """(plot, measurements) of the workflow's TACA Probe Report, or None when it has none."""
+    report_id = next((k for k, v in prompt.items() if v["class_type"] == "TACAProbeReport"), None)
+    if report_id is None or report_id not in history["outputs"]:
+        return None
+    return fetch_image(server, history, report_id), json.loads(history["outputs"][report_id]["taca_probe"][0])
+
+
+def mean_shares(data: Dict[str, Any]) -> Tuple[float, float]:
+    """The probe's text share (plain, with TACA's gamma), averaged over its steps, joint calls and batch entries."""
+    plain = [s for step in data["steps"] for call in step["calls"] for s in call["share_plain"]]
+    scaled = [s for step in data["steps"] for call in step["calls"] for s in call["share_taca"]]
+    return sum(plain) / max(len(plain), 1), sum(scaled) / max(len(scaled), 1)
+
+
+def probe_note(data: Dict[str, Any]) -> str:
+    plain, scaled = mean_shares(data)
+    return (f"TACA Attention Probe: on the {len(data['steps'])} recorded steps the image tokens give the text "
+            f"{plain:.4f} of their attention without TACA and {scaled:.4f} with TACA's gamma (mean over steps, joint "
+            "calls and batch entries); plot in taca_probe.png, numbers in taca_probe.json.")
+
+
 def comparison(stitched, spacing: int = 8):
     """Captioned panels from the workflow's stitched image: without TACA | with TACA | their difference."""
     from PIL import Image, ImageChops, ImageDraw
@@ -226,6 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 total = time.perf_counter() - t0
                 save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
                 image = fetch_image(server, result["history"], save_id)
+                probe = fetch_probe(server, result["history"], prompt)
             except Exception:
                 log_tail = server.log()[-3000:] if os.path.exists(server.log_path) else ""
                 if log_tail:
@@ -236,11 +261,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print("[demo] server stopped")
         png = os.path.join(args.out, "taca_compare.png")
         comparison(image).save(png)
+        written = [png]
+        if probe is not None:
+            probe_png, probe_json = os.path.join(args.out, "taca_probe.png"), os.path.join(args.out, "taca_probe.json")
+            probe[0].save(probe_png)
+            with open(probe_json, "w") as f:
+                json.dump(probe[1], f, indent=1)
+            written += [probe_png, probe_json]
+            notes = notes + [probe_note(probe[1])]
         report = make_report(name, prompt, result, total, notes)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(report)
         print(report)
-        print(f"[demo] wrote {os.path.relpath(png)} and {os.path.relpath(os.path.join(args.out, 'report.md'))}")
+        written.append(os.path.join(args.out, "report.md"))
+        print("[demo] wrote " + ", ".join(os.path.relpath(p) for p in written))
         return 0
     except DemoError as err:
         print(f"[demo] {err}", file=sys.stderr)

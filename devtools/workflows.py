@@ -35,6 +35,8 @@ NODE_SPECS: Dict[str, Tuple[List[Tuple[str, str]], List[Tuple[str, str]], List[s
     "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
     "TACAPatchModel": ([("model", "MODEL")], [("MODEL", "MODEL")], ["gamma", "threshold_sigma", "mode"]),
     "TACALoraLoader": ([("model", "MODEL")], [("MODEL", "MODEL")], ["lora_name", "strength", "active_during"]),
+    "TACAAttentionProbe": ([("model", "MODEL")], [("MODEL", "MODEL")], ["record", "max_rows"]),
+    "TACAProbeReport": ([("model", "MODEL"), ("latent", "LATENT")], [("plot", "IMAGE"), ("json", "STRING")], []),
     "Note": ([], [], ["text"]),
 }
 VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -122,8 +124,14 @@ def compare_workflow(model_node, model_slot, clip, vae, prompt, negative, size, 
     g.connect(model_node, model_slot, taca, "model")
     lora = g.add("TACALoraLoader", [lora_name, 1.0, "taca_steps"], (420, 910), (320, 130))
     g.connect(taca, 0, lora, "model")
+    # The probe measures what TACA does to the attention; its report draws it once the sampler is done.
+    probe = g.add("TACAAttentionProbe", ["taca_steps", 1024], (420, 1080), (320, 106))
+    g.connect(lora, 0, probe, "model")
     plain = _sampler(g, (model_node, model_slot), pos, neg, latent, (860, 140), steps, cfg, seed, "KSampler (without TACA)")
-    with_taca = _sampler(g, (lora, 0), pos, neg, latent, (860, 560), steps, cfg, seed, "KSampler (with TACA)")
+    with_taca = _sampler(g, (probe, 0), pos, neg, latent, (860, 560), steps, cfg, seed, "KSampler (with TACA)")
+    report = g.add("TACAProbeReport", [], (860, 900), (700, 360))
+    g.connect(probe, 0, report, "model")
+    g.connect(with_taca, 0, report, "latent")
     a = _decode(g, plain, vae, (1220, 140))
     b = _decode(g, with_taca, vae, (1220, 560))
     st = _stitch(g, a, b, (1480, 300))

@@ -42,6 +42,16 @@ def test_demo_runs_and_writes_the_comparison_and_the_report(tmp_path):
     assert "acted on steps 0, 1, 2 of 30" in report
     # 2 joint blocks -> 2 joint attention calls per model call; 2 image-only attentions untouched.
     assert "6 joint attention calls changed in 3 of 30 model calls; 6 other attention calls" in report
+    # The probe on the TACA branch: its report's plot and numbers beside the comparison.
+    probe = json.loads((out / "taca_probe.json").read_text())
+    assert probe["version"] == 1 and len(probe["steps"]) == 3  # the steps TACA acted on
+    plain, scaled = demo.mean_shares(probe)
+    assert scaled > plain > 0  # on TACA's steps the image tokens give the text more of their attention
+    for step in probe["steps"]:
+        assert [c["gamma"] for c in step["calls"]] == [1.2, 1.2]
+    plot = Image.open(out / "taca_probe.png")
+    assert plot.size == (960, 400) and len(plot.convert("RGB").getcolors(1 << 20) or []) > 50
+    assert "TACA Attention Probe: on the 3 recorded steps" in report
     assert not port_in_use(port)  # the server is gone
 
 
