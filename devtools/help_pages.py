@@ -21,7 +21,8 @@ from typing import Callable, Dict, FrozenSet, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pages with generated parts, relative to the repository
-PAGES = ("README.md", "js/docs/TACAPatchModel.md", "js/docs/TACAPatchModelAdvanced.md", "js/docs/TACALoraLoader.md")
+PAGES = ("README.md", "js/docs/TACAPatchModel.md", "js/docs/TACAPatchModelAdvanced.md", "js/docs/TACALoraLoader.md",
+         "js/docs/TACAAttentionProbe.md", "js/docs/TACAProbeReport.md")
 BLOCK = re.compile(r"(<!-- generated: (\w+) [^>]*-->\n)(.*?)(<!-- /generated: \2 -->)", re.S)
 
 
