@@ -23,6 +23,8 @@ Sections
   lora       one model call with the TACA LoRA, in a TACA step and in a non-TACA step
   syncs      host reads (host-device synchronisations on a GPU) per model call
   compile    the patched model under ComfyUI's TorchCompileModel (inductor)
+  probe      the TACA Attention Probe: one recorded joint attention call, one recorded model call, and its
+             wrappers on a call it does not record
 
 ``--smoke`` runs every section at its smallest (one round, 3 sampling steps, one per-call round, a short
 pass-through loop): it checks that each section runs on a runtime, its numbers mean nothing.
@@ -56,6 +58,7 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 from devtools import tiny_models as tm  # noqa: E402
 from devtools.host_reads import HostReadCounter  # noqa: E402
 from taca.attention import TextSpan, assemble_heads_as_tokens  # noqa: E402
+from taca import probe_patch  # noqa: E402
 from taca.patch import TacaAttentionOverride, TacaSettings  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,12 +395,23 @@ def wrapper_passthrough_seconds(patcher, calls: int = 20000) -> float:
 
     wrappers = [w for ws in patcher.wrappers.get(WrappersMP.APPLY_MODEL, {}).values() for w in ws]
 
+    class Executor:
+        """What ComfyUI hands a wrapper: the next step, and the base model as ``class_obj``."""
+
+        class_obj = patcher.model
+
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, *args, **kwargs):
+            return self.step(*args, **kwargs)
+
     def chain(i):
         if i == len(wrappers):
-            return lambda x, t, c_concat, c_crossattn, control, options, **kw: x
+            return Executor(lambda x, t, c_concat, c_crossattn, control, options, **kw: x)
         nxt = chain(i + 1)
-        return lambda x, t, c_concat, c_crossattn, control, options, **kw: wrappers[i](
-            nxt, x, t, c_concat, c_crossattn, control, options, **kw)
+        return Executor(lambda x, t, c_concat, c_crossattn, control, options, **kw: wrappers[i](
+            nxt, x, t, c_concat, c_crossattn, control, options, **kw))
 
     call = chain(0)
     x, t = torch.zeros(1, 1), torch.tensor([0.01])
@@ -486,6 +500,77 @@ def bench_compile(nodes, rounds: int, steps: int = 30, call_rounds: int = 15, pa
                  taca_step_count(tiny.patcher, steps), taca_call, other, f"other steps {other * 1e6:+.1f} us per call")
 
 
+# ---------------------------------------------------------------- probe
+
+def probed(nodes, model, record="taca_steps"):
+    return nodes["TACAAttentionProbe"].execute(model=model, record=record,
+                                               max_rows=probe_patch.DEFAULT_MAX_ROWS).result[0]
+
+
+def probe_attention_variants(backend, q, k, v, heads, skip_reshape, span) -> Dict[str, Callable[[], object]]:
+    """One joint attention call, plain and recorded by the probe (alone, with its first-step map, and beside TACA)."""
+    def call(with_map: bool = False, taca: bool = False, max_rows: int = probe_patch.DEFAULT_MAX_ROWS):
+        recorder = probe_patch.ProbeRecorder("all_steps", max_rows)
+        if taca:
+            override = TacaAttentionOverride(TacaSettings(1.2, 0.97, "exact"), [span], None, recorder=recorder)
+        else:
+            override = probe_patch.ProbeAttentionOverride([span], None, recorder)
+        options = {"optimized_attention_override": override}
+        side = int(round((span.length - span.text_tokens) ** 0.5))
+
+        def run():
+            recorder.heatmap = None if with_map else {}  # the map is measured on the first recorded model call
+            recorder.begin(1.0, (1, 16, side, side))
+            return backend(q, k, v, heads, skip_reshape=skip_reshape, transformer_options=options)
+        return run
+
+    exact = TacaAttentionOverride(TacaSettings(1.2, 0.97, "exact"), [span], None)
+    return {"plain": lambda: backend(q, k, v, heads, skip_reshape=skip_reshape, transformer_options={}),
+            "probe": call(),
+            "probe, first step (with map)": call(with_map=True),
+            "probe, max_rows 256": call(max_rows=256),
+            "exact": lambda: backend(q, k, v, heads, skip_reshape=skip_reshape,
+                                     transformer_options={"optimized_attention_override": exact}),
+            "exact + probe": call(taca=True)}
+
+
+def bench_probe(nodes, rounds: int, call_rounds: int = 15, passthrough_calls: int = 20000) -> None:
+    """What the TACA Attention Probe costs: one joint attention call at a FLUX-like shape recorded, one model call
+    of the bench model recorded, and its wrappers on a call it does not record; nothing when it is not attached."""
+    backend = comfy_attention.optimized_attention
+    heads, dim, text, image = 24, 128, 512, 1024
+    q, k, v = attention_inputs(heads, dim, text, image, torch.float32, True)
+    span = TextSpan.text_first(text, text + image)
+    case = f"FLUX-like {heads}x{dim} text {text} image {image} float32, one joint attention call"
+    report("probe", case, interleaved(probe_attention_variants(backend, q, k, v, heads, True, span), rounds, inner=2),
+           "plain", "probe: the text share at gamma 1 and TACA's over 1024 evenly spaced image rows, float64")
+
+    tiny = bench_model()
+    exact = patched(nodes, tiny.patcher)
+    variants = {"unpatched": tiny.patcher, "probe": probed(nodes, tiny.patcher), "exact": exact,
+                "exact + probe": probed(nodes, exact)}
+    deltas = per_call_deltas(variants, tiny, 1.0, max(call_rounds, 2 * rounds))
+    unpatched_call = one_call(tiny.patcher, tiny, 1.0)
+    run = float("inf")
+    for _ in range(max(3, rounds)):
+        start = time.perf_counter()
+        unpatched_call()
+        run = min(run, time.perf_counter() - start)
+    for name, delta in deltas.items():
+        ROWS.append(("probe", "small FLUX-like model, one model call in a recorded step (sigma 1.0)", name,
+                     f"{(run + delta) * 1e3:.2f}", "", f"{1 + delta / run:.3f}x", "", "",
+                     f"paired median difference to unpatched {delta * 1e3:+.2f} ms; each one-step run is a first "
+                     "recorded step, so the map is measured too"))
+    passthrough = {name: wrapper_passthrough_seconds(m, passthrough_calls) for name, m in variants.items()}
+    from comfy.patcher_extension import WrappersMP
+
+    for name in ("exact", "probe", "exact + probe"):
+        keys = sorted(variants[name].wrappers.get(WrappersMP.APPLY_MODEL, {}))
+        ROWS.append(("probe", "APPLY_MODEL wrappers on a call the probe does not record (taca_steps, sigma 0.01)", name,
+                     "", "", "", "", "", f"{(passthrough[name] - passthrough['unpatched']) * 1e6:+.1f} us per model "
+                     f"call over unpatched; wrappers: {', '.join(keys) or 'none'}"))
+
+
 # ---------------------------------------------------------------- main
 
 def runtime_line() -> str:
@@ -502,7 +587,7 @@ def runtime_line() -> str:
 
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile")
+    parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile,probe")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement")
     parser.add_argument("--cases", default="", help="only the attention cases whose label contains this text")
     parser.add_argument("--smoke", action="store_true",
@@ -526,6 +611,7 @@ def main(argv: Sequence[str] = ()) -> None:
         "lora": lambda: bench_lora(nodes, rounds),
         "syncs": lambda: bench_syncs(nodes),
         "compile": lambda: bench_compile(nodes, whole_rounds, steps, call_rounds, passthrough_calls),
+        "probe": lambda: bench_probe(nodes, rounds, call_rounds, passthrough_calls),
     }
     with torch.inference_mode(False), torch.no_grad():
         for section in sections:
