@@ -449,7 +449,7 @@ def test_no_taca_node_and_removed_node_are_harmless(clean_page):
         const prompt = await app.graphToPrompt();
         return { present: !!app.graph.getNodeById(id), nodes: Object.keys(prompt.output).length };
     }""", node_id)
-    assert result == {"present": False, "nodes": 11}  # 13 nodes - the Note - the removed TACA node
+    assert result == {"present": False, "nodes": 13}  # 15 nodes - the Note - the removed TACA node
     page.wait_for_timeout(200)  # a few animation frames without the node
 
 
