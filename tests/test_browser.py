@@ -496,6 +496,49 @@ def test_tiny_demo_runs_from_the_browser(demo_run, server, page):
     assert diff.getbbox() is not None and changed > 0.02, (changed, ImageStat.Stat(diff).extrema)
 
 
+PROBE_PREVIEW_JS = """(name) => {
+    const node = app.graph.nodes.find((n) => n.type === 'TACAProbeReport');
+    const shown = [...(node.imgs || []), ...document.querySelectorAll('img')]
+        .filter((img) => img.complete && img.naturalWidth > 0 && (img.src || '').includes(encodeURIComponent(name)));
+    if (!shown.length) return null;
+    const img = shown[0];
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const at = (x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3));
+    const points = [[10, 10], [300, 200], [640, 140], [820, 140], [700, 290]];
+    return {width: img.naturalWidth, height: img.naturalHeight, inDom: img.isConnected,
+            nodeImgs: (node.imgs || []).length, points, pixels: points.map(([x, y]) => at(x, y))};
+}"""
+
+
+def test_probe_report_shows_its_plot_after_the_demo_run(demo_run, server, page):
+    """The report node's preview is the plot the node drew: its size and pixels are those of the saved PNG.
+
+    Right after the demo run, before any test loads another graph into the page (that drops the node's preview)."""
+    outputs = demo_run["history"]["outputs"]
+    report_id = next(k for k, v in demo_run["history"]["prompt"][2].items() if v["class_type"] == "TACAProbeReport")
+    image = outputs[report_id]["images"][0]
+    assert image["type"] == "temp"
+    query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
+        plot = Image.open(io.BytesIO(r.read())).convert("RGB")
+    assert plot.size == (960, 400)
+    data = json.loads(outputs[report_id]["taca_probe"][0])
+    assert len(data["steps"]) == 3 and data["heatmap"]["height"] * data["heatmap"]["width"] == 256
+    page.wait_for_function(f"() => ({PROBE_PREVIEW_JS})({json.dumps(image['filename'])}) !== null", timeout=30_000)
+    shown = page.evaluate(PROBE_PREVIEW_JS, image["filename"])
+    assert (shown["width"], shown["height"]) == plot.size
+    for (x, y), rgb in zip(shown["points"], shown["pixels"]):
+        assert bh.close(tuple(rgb), plot.getpixel((x, y)), 3), ((x, y), rgb, plot.getpixel((x, y)))
+    if vue_mode(page):
+        assert shown["inDom"]  # Nodes 2.0 shows the preview as an image element in the node
+    else:
+        assert shown["nodeImgs"] >= 1  # LiteGraph draws node.imgs on the canvas
+    assert page.taca_errors == []
+
+
 def test_feedback_shows_the_report_of_the_run(demo_run):
     reports = [r for r in demo_run["reports"] if r["node_id"] == str(demo_run["node_id"])]
     assert len(reports) == 1
@@ -659,46 +702,3 @@ def test_advanced_node_shows_its_window_ramp_blocks_and_gammas(page, server):
     if not vue_mode(page):
         assert d["titleWarning"] is None  # TACA acted: no "never acted" flag
     assert page.taca_errors[before_errors:] == []
-
-
-# ------------------------------------------------------------------------------------------ the probe report
-
-PROBE_PREVIEW_JS = """(name) => {
-    const node = app.graph.nodes.find((n) => n.type === 'TACAProbeReport');
-    const shown = [...(node.imgs || []), ...document.querySelectorAll('img')]
-        .filter((img) => img.complete && img.naturalWidth > 0 && (img.src || '').includes(encodeURIComponent(name)));
-    if (!shown.length) return null;
-    const img = shown[0];
-    const canvas = document.createElement('canvas');
-    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-    const ctx = canvas.getContext('2d');
-    ctx.drawImage(img, 0, 0);
-    const at = (x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3));
-    const points = [[10, 10], [300, 200], [640, 140], [820, 140], [700, 290]];
-    return {width: img.naturalWidth, height: img.naturalHeight, inDom: img.isConnected,
-            nodeImgs: (node.imgs || []).length, points, pixels: points.map(([x, y]) => at(x, y))};
-}"""
-
-
-def test_probe_report_shows_its_plot_after_the_demo_run(demo_run, server, page):
-    """The report node's preview is the plot the node drew: its size and pixels are those of the saved PNG."""
-    outputs = demo_run["history"]["outputs"]
-    report_id = next(k for k, v in demo_run["history"]["prompt"][2].items() if v["class_type"] == "TACAProbeReport")
-    image = outputs[report_id]["images"][0]
-    assert image["type"] == "temp"
-    query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
-    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
-        plot = Image.open(io.BytesIO(r.read())).convert("RGB")
-    assert plot.size == (960, 400)
-    data = json.loads(outputs[report_id]["taca_probe"][0])
-    assert len(data["steps"]) == 3 and data["heatmap"]["height"] * data["heatmap"]["width"] == 256
-    page.wait_for_function(f"() => ({PROBE_PREVIEW_JS})({json.dumps(image['filename'])}) !== null", timeout=30_000)
-    shown = page.evaluate(PROBE_PREVIEW_JS, image["filename"])
-    assert (shown["width"], shown["height"]) == plot.size
-    for (x, y), rgb in zip(shown["points"], shown["pixels"]):
-        assert bh.close(tuple(rgb), plot.getpixel((x, y)), 3), ((x, y), rgb, plot.getpixel((x, y)))
-    if vue_mode(page):
-        assert shown["inDom"]  # Nodes 2.0 shows the preview as an image element in the node
-    else:
-        assert shown["nodeImgs"] >= 1  # LiteGraph draws node.imgs on the canvas
-    assert page.taca_errors == []
