@@ -40,8 +40,8 @@ def _in_range(value: Any, low: float, high: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
 
 
-def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
-    """Raise ValueError naming the bad value and the accepted range."""
+def validate_settings(gamma: float, threshold_sigma: float, mode: str, threshold_name: str = "threshold_sigma") -> None:
+    """Raise ValueError naming the bad value and the accepted range (the threshold by the node's name for it)."""
     if not _in_range(gamma, GAMMA_MIN, GAMMA_MAX):
         raise ValueError(
             f"TACA: gamma={gamma!r} is out of range; use a value in [{GAMMA_MIN}, {GAMMA_MAX}] "
@@ -49,7 +49,7 @@ def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
         )
     if not _in_range(threshold_sigma, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):
         raise ValueError(
-            f"TACA: threshold_sigma={threshold_sigma!r} is out of range; use a sigma in "
+            f"TACA: {threshold_name}={threshold_sigma!r} is out of range; use a sigma in "
             f"[{THRESHOLD_SIGMA_MIN:g}, {THRESHOLD_SIGMA_MAX:g}] "
             f"(default {DEFAULT_THRESHOLD_SIGMA}, i.e. t_thresh = {DEFAULT_THRESHOLD_SIGMA * 1000:g} in the paper)."
         )
@@ -58,11 +58,10 @@ def validate_settings(gamma: float, threshold_sigma: float, mode: str) -> None:
 
 
 def validate_schedule(sigma_start: Optional[float], sigma_end: float, ramp: str, target_share: float) -> None:
-    """Raise ValueError naming the bad schedule value of the Advanced node and the accepted range."""
-    if not _in_range(sigma_end, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):  # the node's name for threshold_sigma
-        raise ValueError(f"TACA: sigma_end={sigma_end!r} is out of range; use a sigma in "
-                         f"[{THRESHOLD_SIGMA_MIN:g}, {THRESHOLD_SIGMA_MAX:g}] (default {DEFAULT_THRESHOLD_SIGMA}, "
-                         f"i.e. t_thresh = {DEFAULT_THRESHOLD_SIGMA * 1000:g} in the paper).")
+    """Raise ValueError naming the bad schedule value of the Advanced node and the accepted range.
+
+    sigma_end's own range is checked by ``validate_settings``, as the threshold it is.
+    """
     if sigma_start is not None:
         if not _in_range(sigma_start, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):
             raise ValueError(f"TACA: sigma_start={sigma_start!r} is out of range; use a sigma in "
@@ -131,8 +130,8 @@ class TacaSettings(NamedTuple):
     def from_advanced_inputs(cls, gamma: float, sigma_start: float, sigma_end: float, ramp: str, blocks: str,
                              target_share: float, mode: str) -> "TacaSettings":
         """The Advanced node's settings, validated (ValueError naming the bad input)."""
+        validate_settings(gamma, sigma_end, mode, threshold_name="sigma_end")  # its range before the window's order
         validate_schedule(sigma_start, sigma_end, ramp, target_share)
-        validate_settings(gamma, sigma_end, mode)
         return cls(float(gamma), float(sigma_end), mode, float(sigma_start), ramp, parse_blocks(blocks),
                    float(target_share))
 
