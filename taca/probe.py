@@ -133,6 +133,11 @@ def _shares(text_logits: torch.Tensor, text_mask: Optional[torch.Tensor], visual
     return torch.where(live, share, torch.zeros_like(share))
 
 
+def _head_mean(shares: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """(B, H, R) shares -> (B, R): each row's mean over the heads where it attends to some key (0 where none)."""
+    return shares.sum(dim=1) / live.sum(dim=1).clamp_min(1)
+
+
 def _live(text_mask: Optional[torch.Tensor], visual_lse: torch.Tensor, n_text: int) -> torch.Tensor:
     """(B, H, row) rows that keep at least one key; a row with every key masked has no softmax to share."""
     if text_mask is None:
@@ -188,6 +193,18 @@ class ShareProbe(NamedTuple):
         """share_i(gamma) for every measured row, (B, H, R); 0 on rows with every key masked."""
         return _shares(self.text_logits, self.text_mask, self.visual_lse, self.live, gamma)
 
+    def row_shares(self, gamma: float) -> torch.Tensor:
+        """(B, R): each measured row's share averaged over the heads that attend (as ``text_share_map``)."""
+        return _head_mean(self.shares(gamma), self.live)
+
+    def subset(self, keep: torch.Tensor) -> "ShareProbe":
+        """The probe over some of its measured rows (``keep``: indices into them)."""
+        mask = self.text_mask
+        if mask is not None and mask.shape[2] != 1:
+            mask = mask.index_select(2, keep)
+        return ShareProbe(self.text_logits.index_select(2, keep), mask, self.visual_lse.index_select(2, keep),
+                          self.live.index_select(2, keep), self.rows.index_select(0, keep))
+
     def mean_share(self, gammas: Sequence[float]) -> torch.Tensor:
         """(len(gammas), B) float64: the mean over live image rows and heads, per batch entry.
 
@@ -224,8 +241,7 @@ def text_share_map(q: torch.Tensor, k: torch.Tensor, span: TextSpan, gammas: Seq
     out: List[torch.Tensor] = []
     for part in _chunks(q, k, span, mask, scale, visual_positions(span, q.device), chunk):
         live = _live(part.text_mask, part.visual_lse, span.text_tokens)
-        count = live.sum(dim=1).clamp_min(1)
-        out.append(torch.stack([_shares(part.text_logits, part.text_mask, part.visual_lse, live, g).sum(dim=1) / count
+        out.append(torch.stack([_head_mean(_shares(part.text_logits, part.text_mask, part.visual_lse, live, g), live)
                                 for g in gammas]))
     return torch.cat(out, dim=-1)
 

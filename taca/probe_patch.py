@@ -32,7 +32,7 @@ from . import patch as taca_patch
 from . import settings as taca_settings
 from .attention import TextSpan
 from .families import ModelFamily
-from .probe import ShareProbe, probe_rows
+from .probe import probe_rows
 from .settings import TacaSettings
 
 WRAPPER_KEY = "comfyui-taca-probe"
@@ -71,21 +71,6 @@ def token_grid(latent_shape: Sequence[int], n_visual: int) -> Tuple[int, int, in
             if gh * gw <= n_visual:
                 return gh, gw, n_visual if n_visual % (gh * gw) == 0 else gh * gw
     return 1, max(n_visual, 1), n_visual
-
-
-def _subset(probe: ShareProbe, keep: torch.Tensor) -> ShareProbe:
-    """The probe over some of its measured rows (``keep``: indices into them)."""
-    mask = probe.text_mask
-    if mask is not None and mask.shape[2] != 1:
-        mask = mask.index_select(2, keep)
-    return ShareProbe(probe.text_logits.index_select(2, keep), mask, probe.visual_lse.index_select(2, keep),
-                      probe.live.index_select(2, keep), probe.rows.index_select(0, keep))
-
-
-def _head_mean(probe: ShareProbe, gamma: float) -> torch.Tensor:
-    """(B, R): each measured row's share averaged over the heads that attend (as ``taca.probe.text_share_map``)."""
-    count = probe.live.sum(dim=1).clamp_min(1)
-    return probe.shares(gamma).sum(dim=1) / count
 
 
 class ProbeRecorder:
@@ -131,8 +116,8 @@ class ProbeRecorder:
             # The first model call measures every row once, for the map; the means read the same subset of it
             # as every other call's.
             probe = call.share_probe(None)
-            self._map.append(torch.stack([_head_mean(probe, g).mean(dim=0) for g in gammas]))
-            probe = _subset(probe, probe_rows(probe.rows.numel(), self.max_rows).to(probe.rows.device))
+            self._map.append(torch.stack([probe.row_shares(g).mean(dim=0) for g in gammas]))
+            probe = probe.subset(probe_rows(probe.rows.numel(), self.max_rows).to(probe.rows.device))
         self._calls.append(CallRecord(len(self._calls), float(gamma), probe.mean_share(gammas).detach()))
 
     def end(self, completed: bool) -> None:
