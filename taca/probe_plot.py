@@ -98,13 +98,15 @@ def _share_panel(draw: ImageDraw.ImageDraw, data: Dict[str, Any], box: Tuple[int
 
 
 def _heatmap(image: Image.Image, values: Sequence[float], height: int, width: int, box: Tuple[int, int, int, int],
-             lo: float, hi: float) -> None:
+             lo: float, hi: float) -> int:
+    """Paste the map into ``box``, each token a square of the largest whole size that fits; returns that size."""
     x0, y0, x1, y1 = box
     cells = Image.new("RGB", (width, height))
     span = hi - lo if hi > lo else 1.0
     cells.putdata([colour((v - lo) / span) for v in values])
     scale = max(1, min((x1 - x0) // width, (y1 - y0) // height))
     image.paste(cells.resize((width * scale, height * scale), Image.NEAREST), (x0, y0))
+    return scale
 
 
 def draw(data: Dict[str, Any]) -> Image.Image:
@@ -123,11 +125,10 @@ def draw(data: Dict[str, Any]) -> Image.Image:
     d.text((560, 16), f"share per image token, first recorded step{where}", fill=TEXT)
     lo, hi = min(min(values), min(plain)), max(max(values), max(plain))
     side = 160
-    scale = max(1, min(side // w, side // h))
     for i, (title, vals) in enumerate((("plain", plain), ("with TACA", values))):
         x = 560 + i * (side + 20)
         d.text((x, 40), title, fill=TEXT)
-        _heatmap(image, vals, h, w, (x, 60, x + side, 60 + side), lo, hi)
+        scale = _heatmap(image, vals, h, w, (x, 60, x + side, 60 + side), lo, hi)
         d.rectangle([x - 1, 59, x + w * scale, 60 + h * scale], outline=TEXT)
     # The colour scale, shared by both maps.
     bar_y, bar_x0, bar_x1 = 60 + side + 40, 560, 560 + 2 * side + 20
