@@ -57,7 +57,7 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 
 from devtools import tiny_models as tm  # noqa: E402
 from devtools.host_reads import HostReadCounter  # noqa: E402
-from taca.attention import TextSpan, assemble_heads_as_tokens  # noqa: E402
+from taca.attention import JointLayout, assemble_heads_as_tokens  # noqa: E402
 from taca import probe_patch  # noqa: E402
 from taca.patch import TacaAttentionOverride, TacaSettings  # noqa: E402
 
@@ -203,7 +203,7 @@ def bench_attention(rounds: int, only: str = "") -> None:
         if with_mask:  # an additive key-padding style mask, as a padded-text model would use
             mask = torch.zeros(1, 1, n, n, device=DEVICE, dtype=dtype)
             mask[..., text - 16:text] = -10000.0
-        span = TextSpan.text_first(text, n)
+        span = JointLayout.text_first(text, n)
         for backend_name, backend in backends:
             case = (f"{label} {heads}x{dim} text {text} image {image} {str(dtype)[6:]}"
                     f"{' +mask' if with_mask else ''} [{backend_name}]")
@@ -256,7 +256,7 @@ def bench_memory() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = attention_inputs(heads, dim, text, image, dtype, True)
         k_bytes = k.numel() * k.element_size()
-        span = TextSpan.text_first(text, text + image)
+        span = JointLayout.text_first(text, text + image)
         peaks = {}
         variants = attention_variants(comfy_attention.attention_pytorch, q, k, v, heads, None, True, span)
         variants.pop("flex")  # a compiled higher-order op: invisible to dispatch-level tracking
@@ -540,7 +540,7 @@ def bench_probe(nodes, rounds: int, call_rounds: int = 15, passthrough_calls: in
     backend = comfy_attention.optimized_attention
     heads, dim, text, image = 24, 128, 512, 1024
     q, k, v = attention_inputs(heads, dim, text, image, torch.float32, True)
-    span = TextSpan.text_first(text, text + image)
+    span = JointLayout.text_first(text, text + image)
     case = f"FLUX-like {heads}x{dim} text {text} image {image} float32, one joint attention call"
     report("probe", case, interleaved(probe_attention_variants(backend, q, k, v, heads, True, span), rounds, inner=2),
            "plain", "probe: the text share at gamma 1 and TACA's over 1024 evenly spaced image rows, float64")

@@ -9,12 +9,13 @@ contiguous span ``[text.start, text.stop)`` and every other token is visual.
 TACA multiplies the logits q_i.k_j/sqrt(d) of visual queries i and text keys j
 by gamma; additive masks are added after that scaling and boolean masks keep
 their meaning.  An attention call usually holds every query row of the joint
-sequence; for a ``VisualRowsSpan`` it holds only the visual ones.
+sequence; where the layout says ``visual_queries_only`` it holds only the visual ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -25,20 +26,28 @@ FLEX_MIN_TORCH = "2.5.0"
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-class TextSpan(NamedTuple):
-    """Where the text tokens sit in a joint sequence of ``length`` tokens."""
+class JointLayout(NamedTuple):
+    """Where the text tokens sit in a joint text+visual sequence of ``length`` tokens, and which query rows its
+    attention call holds.
+
+    ``visual_queries_only`` False: the call holds every row of the sequence.  True: only the visual query rows, in
+    sequence order, against every key; the model computes the text rows elsewhere (HiDream-O1 runs them as a causal
+    text pass of their own).  As every query row of such a call is visual, eq. 10 is the call itself with the text
+    keys multiplied by gamma.
+    """
 
     start: int
     stop: int
     length: int
+    visual_queries_only: bool = False
 
     @classmethod
-    def text_first(cls, text_tokens: int, length: int) -> "TextSpan":
-        return cls(0, text_tokens, length)
+    def text_first(cls, text_tokens: int, length: int, visual_queries_only: bool = False) -> "JointLayout":
+        return cls(0, text_tokens, length, visual_queries_only)
 
     @classmethod
-    def text_last(cls, text_tokens: int, length: int) -> "TextSpan":
-        return cls(length - text_tokens, length, length)
+    def text_last(cls, text_tokens: int, length: int, visual_queries_only: bool = False) -> "JointLayout":
+        return cls(length - text_tokens, length, length, visual_queries_only)
 
     @property
     def text_tokens(self) -> int:
@@ -51,33 +60,21 @@ class TextSpan(NamedTuple):
 
     @property
     def query_rows(self) -> int:
-        """How many query rows the layout's attention call holds: every token of the sequence."""
-        return self.length
+        """How many query rows the layout's attention call holds."""
+        return self.length - self.text_tokens if self.visual_queries_only else self.length
 
 
-class VisualRowsSpan(TextSpan):
-    """A joint layout whose attention call holds only the visual query rows, in sequence order, against every key.
+class KeyPolicy(str, enum.Enum):
+    """Who may write into K, the caller's choice (see ``scaled_text_keys``)."""
 
-    The model computes the text rows elsewhere (HiDream-O1 runs them as a causal text pass of their own).  As
-    every query row of such a call is visual, eq. 10 is the call itself with the text keys multiplied by gamma.
-    """
-
-    __slots__ = ()
-
-    @property
-    def query_rows(self) -> int:
-        return self.length - self.text_tokens
+    COPY = "copy"  # K is the caller's and must not change: scale a copy (one extra K-sized buffer)
+    OWNED = "owned"  # K belongs to this attention call (a layout copy we made): scale its text part in place
+    # K is the caller's but may change while we hold it: scale the text part in place and put the saved original
+    # back before returning (a text-sized buffer instead of a K-sized one)
+    BORROWED = "borrowed"
 
 
-# Who may write into K, the caller's choice (see ``scaled_text_keys``):
-#   "copy"     K is the caller's and must not change: scale a copy (one extra K-sized buffer);
-#   "owned"    K belongs to this attention call (a layout copy we made): scale its text part in place;
-#   "borrowed" K is the caller's but may change while we hold it: scale the text part in place and put the
-#              saved original back before returning (a text-sized buffer instead of a K-sized one).
-KEY_POLICIES: Tuple[str, ...] = ("copy", "owned", "borrowed")
-
-
-def scale_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int) -> torch.Tensor:
+def scale_text_keys(k: torch.Tensor, span: JointLayout, gamma: float, seq_dim: int) -> torch.Tensor:
     """A copy of ``k`` whose text tokens are multiplied by gamma (the one extra K-sized buffer)."""
     scaled = k.clone()
     scaled.narrow(seq_dim, span.start, span.text_tokens).mul_(gamma)
@@ -85,21 +82,22 @@ def scale_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int)
 
 
 @contextlib.contextmanager
-def scaled_text_keys(k: torch.Tensor, span: TextSpan, gamma: float, seq_dim: int,
-                     policy: str = "copy") -> Iterator[torch.Tensor]:
-    """K with its text tokens multiplied by gamma, for the ``with`` block, under one of ``KEY_POLICIES``.
+def scaled_text_keys(k: torch.Tensor, span: JointLayout, gamma: float, seq_dim: int,
+                     policy: KeyPolicy = KeyPolicy.COPY) -> Iterator[torch.Tensor]:
+    """K with its text tokens multiplied by gamma, for the ``with`` block, under a ``KeyPolicy``.
 
     A borrowed K gets its original text part back when the block ends, also on an error.  Copying all
     of K costs more than the text part alone, and a fresh K-sized allocation per call is not free on
     a CPU either.
     """
-    if policy not in KEY_POLICIES:
-        raise ValueError(f"unknown key policy {policy!r}; one of {', '.join(KEY_POLICIES)}")
-    if policy == "copy":
+    if policy not in set(KeyPolicy):
+        raise ValueError(f"unknown key policy {policy!r}; one of {', '.join(p.value for p in KeyPolicy)}")
+    policy = KeyPolicy(policy)
+    if policy is KeyPolicy.COPY:
         yield scale_text_keys(k, span, gamma, seq_dim)
         return
     text = k.narrow(seq_dim, span.start, span.text_tokens)
-    saved = text.clone() if policy == "borrowed" else None
+    saved = text.clone() if policy is KeyPolicy.BORROWED else None
     text.mul_(gamma)
     try:
         yield k
@@ -132,10 +130,10 @@ def exact_attention_parts(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
-    span: TextSpan,
+    span: JointLayout,
     gamma: float,
     seq_dim: int,
-    key_policy: str = "copy",
+    key_policy: KeyPolicy = KeyPolicy.COPY,
 ) -> RowParts:
     """Eq. 10 exactly, in two backend calls, returned as row groups (see ``assemble_rows``).
 
@@ -203,11 +201,11 @@ def exact_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
-    span: TextSpan,
+    span: JointLayout,
     gamma: float,
     seq_dim: int,
     out_seq_dim: int,
-    key_policy: str = "copy",
+    key_policy: KeyPolicy = KeyPolicy.COPY,
 ) -> torch.Tensor:
     """Eq. 10 exactly: ``exact_attention_parts`` put back in sequence order."""
     return assemble_rows(exact_attention_parts(attend, q, k, v, mask, span, gamma, seq_dim, key_policy), out_seq_dim)
@@ -219,10 +217,10 @@ def selective_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
-    span: TextSpan,
+    span: JointLayout,
     gamma: float,
     seq_dim: int,
-    key_policy: str = "copy",
+    key_policy: KeyPolicy = KeyPolicy.COPY,
 ) -> torch.Tensor:
     """The paper's listing 2: text keys scaled for every query, one backend call.
 
@@ -265,7 +263,7 @@ def flex_taca_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
-    span: TextSpan,
+    span: JointLayout,
     gamma: float,
     flex_fn: Optional[Callable] = None,
     scale: Optional[float] = None,
@@ -273,7 +271,7 @@ def flex_taca_attention(
 ) -> torch.Tensor:
     """The paper's listing 1 through flex_attention; q is (B, H, N, D), k and v (B, H_kv, N, D).
 
-    For a ``VisualRowsSpan`` q holds only the visual rows (B, H, N - text, D): every query is visual.
+    Where ``span.visual_queries_only`` q holds only the visual rows (B, H, N - text, D): every query is visual.
 
     ``flex_fn`` is flex_attention itself or a compiled version of it.  ``scale`` is the softmax scale
     (None: 1/sqrt(D)); gamma multiplies the scaled logit.  ``enable_gqa``: K and V have fewer heads than
@@ -288,7 +286,7 @@ def flex_taca_attention(
     gamma_t = torch.tensor(gamma, dtype=torch.float32, device=q.device)
     full_mask = None if mask is None else _broadcast_mask(mask, b, h, nq, nk)
 
-    visual_rows_only = isinstance(span, VisualRowsSpan)
+    visual_rows_only = span.visual_queries_only
 
     def score_mod(score, bi, hi, qi, ki):
         scaled = (ki >= t0) & (ki < t1)  # text keys

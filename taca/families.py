@@ -7,7 +7,7 @@ lengths are used: 256+ T5 tokens for FLUX, about 154 for SD3, 512 for Flux.2),
 and in which order they are concatenated.  An attention call whose sequence
 length is not exactly text + visual (SD3.5 Medium's image-only self-attention,
 for instance) is left alone.  HiDream-O1 hands the attention override only the
-visual query rows of its joint attention, against all of it (``VisualRowsSpan``).
+visual query rows of its joint attention, against all of it (``JointLayout.visual_queries_only``).
 
 Models are matched by the exact ``comfy.model_base`` class name rather than by
 inheritance, so a subclass we have not checked (a future subclass of Flux, for
@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .attention import TextSpan, VisualRowsSpan
+from .attention import JointLayout
 
 CountFn = Callable[[Any, Any, Dict[str, Any]], int]
 # (diffusion_model, x, context, conds) -> every joint layout of this model call (at most one per sequence length)
-LayoutsFn = Callable[[Any, Any, Any, Dict[str, Any]], List[TextSpan]]
+LayoutsFn = Callable[[Any, Any, Any, Dict[str, Any]], List[JointLayout]]
 
 
 class UnsupportedModelError(ValueError):
@@ -43,17 +43,16 @@ class ModelFamily(NamedTuple):
     layouts_fn: Optional[LayoutsFn] = None
     untouched: str = "-"  # attention that is not the joint text+visual attention, for the README support matrix
     # True where the model hands the attention override only the visual query rows of its joint attention, against
-    # the whole sequence, and computes the text rows itself (HiDream-O1): the layouts are VisualRowsSpans.
+    # the whole sequence, and computes the text rows itself (HiDream-O1): its layouts say ``visual_queries_only``.
     visual_rows_call: bool = False
 
-    def span(self, text_tokens: int, visual_tokens: int) -> TextSpan:
+    def span(self, text_tokens: int, visual_tokens: int) -> JointLayout:
         length = text_tokens + visual_tokens
-        span_type = VisualRowsSpan if self.visual_rows_call else TextSpan
         if self.text_first:
-            return span_type.text_first(text_tokens, length)
-        return span_type.text_last(text_tokens, length)
+            return JointLayout.text_first(text_tokens, length, self.visual_rows_call)
+        return JointLayout.text_last(text_tokens, length, self.visual_rows_call)
 
-    def layouts(self, diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[TextSpan]:
+    def layouts(self, diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[JointLayout]:
         """The joint text+visual layouts of one model call, read from its actual inputs."""
         if self.layouts_fn is not None:
             return self.layouts_fn(diffusion_model, x, context, conds)
@@ -156,12 +155,12 @@ def _hunyuan_image_first(diffusion_model: Any) -> bool:
     return bool(getattr(blocks[0], "flipped_img_txt", False))
 
 
-def _hunyuan_layouts(diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[TextSpan]:
+def _hunyuan_layouts(diffusion_model: Any, x: Any, context: Any, conds: Dict[str, Any]) -> List[JointLayout]:
     text = _hunyuan_text_tokens(diffusion_model, context, conds)
     visual = _hunyuan_visual_tokens(diffusion_model, x, conds)
     if _hunyuan_image_first(diffusion_model):
-        return [TextSpan.text_last(text, text + visual)]
-    return [TextSpan.text_first(text, text + visual)]
+        return [JointLayout.text_last(text, text + visual)]
+    return [JointLayout.text_first(text, text + visual)]
 
 
 def _plane_tokens(diffusion_model: Any, latents: Sequence[Any]) -> int:

@@ -45,8 +45,6 @@ log = logging.getLogger("comfyui-taca")
 
 ACTIVE_DURING = ("taca_steps", "all_steps")
 GATE_WRAPPER_KEY = "comfyui-taca-lora"
-# The gate's schedule on a model without a TACA Patch Model: the default threshold (gamma only has to be on).
-NO_TACA = taca_settings.TacaSettings()
 
 
 class LowRank(NamedTuple):
@@ -156,7 +154,7 @@ class LoraGateWrapper:
         settings = taca_settings.stored(options)
         if settings is None:
             self._tell_no_taca()
-            settings = NO_TACA
+            settings = taca_settings.DEFAULT_SCHEDULE
         self.gate.active = settings.active_at(position)
         try:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
@@ -168,7 +166,7 @@ class LoraGateWrapper:
             return
         self._told_no_taca = True
         message = (f"TACA LoRA '{self.lora_name}' is meant to be used with TACA, but this model has no TACA Patch "
-                   f"Model; the LoRA acts while sigma >= {NO_TACA.threshold_sigma} without TACA. Add a TACA Patch Model "
+                   f"Model; the LoRA acts while sigma >= {taca_settings.DEFAULT_SCHEDULE.sigma_end} without TACA. Add a TACA Patch Model "
                    "node (before or after the loader) or set active_during to all_steps.")
         log.warning(message)
         notify_node(self.node_id, message)

@@ -10,7 +10,7 @@ two hooks, so the input model is never touched:
   ``optimized_attention_override`` is a ``TacaAttentionOverride``;
 * that override, which ComfyUI's ``wrap_attn`` calls for every attention call
   that receives ``transformer_options``.  Joint text+image calls get TACA (a
-  call of the whole joint sequence, or, where the layout is a ``VisualRowsSpan``,
+  call of the whole joint sequence, or, where the layout is ``visual_queries_only``,
   one of its visual query rows against all its keys); all other calls go
   through untouched.  Whatever override was already set (a Sage/Flash patch
   from another pack, say) is wrapped, not replaced, whichever node came first,
@@ -41,7 +41,7 @@ import torch
 from . import attention as taca_attention
 from . import probe as taca_probe
 from . import settings as taca_settings
-from .attention import TextSpan, VisualRowsSpan
+from .attention import JointLayout
 from .families import ModelFamily
 from .report import ReportSampleWrapper, RunReport
 from .settings import TacaSettings
@@ -137,7 +137,7 @@ class _FlexKernel:
     compile_failed = False
 
     @classmethod
-    def run(cls, q, k, v, mask, span: TextSpan, gamma: float, scale: Optional[float] = None,
+    def run(cls, q, k, v, mask, span: JointLayout, gamma: float, scale: Optional[float] = None,
             enable_gqa: bool = False) -> torch.Tensor:
         taca_attention.require_flex()
         from torch.nn.attention.flex_attention import flex_attention
@@ -199,7 +199,7 @@ class JointCall(NamedTuple):
     params: Dict[str, Any]  # every other keyword, handed on to the kernel
     seq_dim: int  # of q, k and v: 1 for (B, N, H*D), 2 for (B, H, N, D)
     out_seq_dim: int  # of the output the model asked for
-    span: TextSpan
+    span: JointLayout
 
     def as_heads(self) -> "JointCall":
         """The call with q, k and v as (B, H, N, D) views (exact and flex work on heads).
@@ -216,7 +216,7 @@ class JointCall(NamedTuple):
     def full_rows(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(q, mask) over every row of the joint sequence, q as (B, H, N, D), for the share probe.
 
-        A ``VisualRowsSpan`` call holds only the visual query rows: they go to their sequence positions and
+        A ``visual_queries_only`` call holds only the visual query rows: they go to their sequence positions and
         the text rows, which the probe never reads, are zeros (a mask given per query row likewise).
         """
         q, mask, span = self.as_heads().q, self.mask, self.span
@@ -236,9 +236,9 @@ class JointCall(NamedTuple):
                                              max_rows)
 
 
-def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, TextSpan]) -> Optional[JointCall]:
+def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, JointLayout]) -> Optional[JointCall]:
     """The call's arguments when its keys are one of ``spans``' joint sequences and its queries the rows that
-    layout's call holds (all of them; only the visual ones for a ``VisualRowsSpan``), else None."""
+    layout's call holds (all of them; only the visual ones where the layout says ``visual_queries_only``), else None."""
     if len(args) > len(_ATTENTION_PARAMS):
         return None
     params = dict(zip(_ATTENTION_PARAMS, args))
@@ -254,15 +254,15 @@ def parse_joint_call(args: Tuple, kwargs: Dict[str, Any], spans: Dict[int, TextS
     return JointCall(q, k, v, heads, mask, params, seq_dim, out_seq_dim, span)
 
 
-def key_policy(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, layout_copy: bool = False) -> str:
-    """Who may write into ``k``, the K the kernel will read (see ``taca.attention.KEY_POLICIES``).
+def key_policy(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, layout_copy: bool = False) -> taca_attention.KeyPolicy:
+    """Who may write into ``k``, the K the kernel will read (a ``taca.attention.KeyPolicy``).
 
     A layout copy this call made (``layout_copy``) is ours; the caller's own K is borrowed when that is
     safe, else scaled as a copy.
     """
     if layout_copy:
-        return "owned"
-    return "borrowed" if _may_borrow(k, q, v) else "copy"
+        return taca_attention.KeyPolicy.OWNED
+    return taca_attention.KeyPolicy.BORROWED if _may_borrow(k, q, v) else taca_attention.KeyPolicy.COPY
 
 
 def flex_fallback(params: Dict[str, Any]) -> bool:
@@ -278,7 +278,7 @@ def flex_fallback(params: Dict[str, Any]) -> bool:
 class TacaAttentionOverride:
     """``transformer_options["optimized_attention_override"]`` for one TACA-active model call."""
 
-    def __init__(self, settings: TacaSettings, spans: Sequence[TextSpan], previous: Optional[Callable],
+    def __init__(self, settings: TacaSettings, spans: Sequence[JointLayout], previous: Optional[Callable],
                  gamma: Optional[float] = None, recorder: Optional[Any] = None):
         self.settings = settings
         # This model call's gamma (the settings' ramp at its sigma); each joint call may lower it (blocks, adaptive).
@@ -317,7 +317,7 @@ class TacaAttentionOverride:
         mode = self.settings.mode
         if mode == "flex" and flex_fallback(call.params):
             mode = "exact"
-        if isinstance(call.span, VisualRowsSpan) and mode != "flex":
+        if call.span.visual_queries_only and mode != "flex":
             return self._selective(func, call, gamma)  # only visual rows: listing 2 is eq. 10 exactly, in one call
         if mode == "selective":
             return self._selective(func, call, gamma)

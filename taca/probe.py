@@ -21,13 +21,13 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .attention import TextSpan
+from .attention import JointLayout
 
 # Logit elements per chunk of query rows (float64: 128 MiB), unless the caller names a chunk size.
 CHUNK_ELEMENTS = 1 << 24
 
 
-def visual_positions(span: TextSpan, device: Optional[torch.device] = None) -> torch.Tensor:
+def visual_positions(span: JointLayout, device: Optional[torch.device] = None) -> torch.Tensor:
     """The sequence positions of the visual tokens, in sequence order."""
     pieces = [torch.arange(a, b, device=device) for a, b in span.visual_pieces()]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
@@ -95,7 +95,7 @@ class _Chunk(NamedTuple):
     visual_lse: torch.Tensor  # (B, H, r)
 
 
-def _chunks(q: torch.Tensor, k: torch.Tensor, span: TextSpan, mask: Optional[torch.Tensor],
+def _chunks(q: torch.Tensor, k: torch.Tensor, span: JointLayout, mask: Optional[torch.Tensor],
             scale: Optional[float], rows: torch.Tensor, chunk: Optional[int]) -> Iterator[_Chunk]:
     """The text logits and the visual LSE of the query rows ``rows`` (sequence positions), chunk by chunk."""
     b, h, n, d = q.shape
@@ -147,7 +147,7 @@ def _live(text_mask: Optional[torch.Tensor], visual_lse: torch.Tensor, n_text: i
     return (text_kept | torch.isfinite(visual_lse)).expand(visual_lse.shape)
 
 
-def _check(q: torch.Tensor, span: TextSpan) -> None:
+def _check(q: torch.Tensor, span: JointLayout) -> None:
     if q.ndim != 4 or q.shape[2] != span.length:
         raise ValueError(f"q must be (B, H, N, D) with N = {span.length}, got {tuple(q.shape)}")
     if span.text_tokens == span.length:
@@ -170,7 +170,7 @@ class ShareProbe(NamedTuple):
     rows: torch.Tensor
 
     @classmethod
-    def measure(cls, q: torch.Tensor, k: torch.Tensor, span: TextSpan, mask: Optional[torch.Tensor] = None,
+    def measure(cls, q: torch.Tensor, k: torch.Tensor, span: JointLayout, mask: Optional[torch.Tensor] = None,
                 scale: Optional[float] = None, max_rows: Optional[int] = None,
                 chunk: Optional[int] = None) -> "ShareProbe":
         """Run the gamma-independent part over the image rows ``probe_rows`` picks.
@@ -214,7 +214,7 @@ class ShareProbe(NamedTuple):
         return torch.stack([self.shares(g).sum(dim=(1, 2)) / count for g in gammas])
 
 
-def text_share(q: torch.Tensor, k: torch.Tensor, span: TextSpan, gammas: Sequence[float],
+def text_share(q: torch.Tensor, k: torch.Tensor, span: JointLayout, gammas: Sequence[float],
                mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                max_rows: Optional[int] = None, chunk: Optional[int] = None) -> torch.Tensor:
     """The attention image queries give the text under eq. 10's gamma, (len(gammas), B) float64.
@@ -228,7 +228,7 @@ def text_share(q: torch.Tensor, k: torch.Tensor, span: TextSpan, gammas: Sequenc
     return ShareProbe.measure(q, k, span, mask, scale, max_rows, chunk).mean_share(gammas)
 
 
-def text_share_map(q: torch.Tensor, k: torch.Tensor, span: TextSpan, gammas: Sequence[float] = (1.0,),
+def text_share_map(q: torch.Tensor, k: torch.Tensor, span: JointLayout, gammas: Sequence[float] = (1.0,),
                    mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                    chunk: Optional[int] = None) -> torch.Tensor:
     """Per image query, the share averaged over heads: (len(gammas), B, visual rows) float64.
@@ -307,7 +307,7 @@ def search_gamma(probe: ShareProbe, target: float, gamma_max: float, tol: float 
     return AdaptiveGamma(gamma, achieved)
 
 
-def adaptive_gamma(q: torch.Tensor, k: torch.Tensor, span: TextSpan, target: float, gamma_max: float,
+def adaptive_gamma(q: torch.Tensor, k: torch.Tensor, span: JointLayout, target: float, gamma_max: float,
                    mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                    max_rows: Optional[int] = None, tol: float = 1e-4,
                    chunk: Optional[int] = None) -> AdaptiveGamma:

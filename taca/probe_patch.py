@@ -30,7 +30,7 @@ import torch
 
 from . import patch as taca_patch
 from . import settings as taca_settings
-from .attention import TextSpan
+from .attention import JointLayout
 from .families import ModelFamily
 from .probe import probe_rows
 from .settings import TacaSettings
@@ -175,7 +175,7 @@ class ProbeAttentionOverride:
     arguments.
     """
 
-    def __init__(self, spans: Sequence[TextSpan], previous: Optional[Callable], recorder: ProbeRecorder):
+    def __init__(self, spans: Sequence[JointLayout], previous: Optional[Callable], recorder: ProbeRecorder):
         self.spans = {span.length: span for span in spans if span.text_tokens > 0 and span.length > span.text_tokens}
         self.previous = previous
         self.recorder = recorder
@@ -192,7 +192,7 @@ class ProbeAttentionOverride:
 def recording_window(transformer_options: Dict[str, Any]) -> Tuple[Optional[TacaSettings], TacaSettings]:
     """(the TACA settings on this model or None, the window ``taca_steps`` records: theirs, else the default)."""
     settings = taca_settings.stored(transformer_options)
-    window = settings if settings is not None and settings.enabled else TacaSettings()
+    window = settings if settings is not None and settings.enabled else taca_settings.DEFAULT_SCHEDULE
     return settings, window
 
 

@@ -147,7 +147,7 @@ class RunReport:
             start = f"the run started at sigma {first:.3f}, " if first is not None else ""
             if first is not None and self.discrete_time:
                 start = f"the run started at t/1000 = {self.sample_positions[0]:.3f} (sigma {first:.3f}), "
-            return (f"TACA never acted: {start}below threshold_sigma {self.settings.threshold_sigma:g} (img2img or denoise < 1 "
+            return (f"TACA never acted: {start}below threshold_sigma {self.settings.sigma_end:g} (img2img or denoise < 1 "
                     "starts below it). Lower threshold_sigma if you want TACA in this run.")
         return ("TACA never acted: no attention call of this model had the joint text+image layout TACA expects, "
                 "so nothing was changed.")
@@ -157,7 +157,7 @@ class RunReport:
         return {
             "node_id": self.node_id,
             "gamma": self.settings.gamma,
-            "threshold_sigma": self.settings.threshold_sigma,
+            "threshold_sigma": self.settings.sigma_end,
             "mode": self.settings.mode,
             "steps_total": steps,
             "sample_sigmas": self.sample_sigmas,
@@ -174,7 +174,7 @@ class RunReport:
             "warning": self.warning(),
             # the Advanced node's settings (their defaults: the simple node) and what they did
             "sigma_start": self.settings.sigma_start,
-            "sigma_end": self.settings.threshold_sigma,
+            "sigma_end": self.settings.sigma_end,
             "ramp": self.settings.ramp,
             "blocks": format_blocks(self.settings.blocks),
             "target_share": self.settings.target_share,

@@ -113,7 +113,7 @@ class TacaSettings(NamedTuple):
     """What TACA does.  The last four fields are the Advanced node's; their defaults are the simple node."""
 
     gamma: float = DEFAULT_GAMMA
-    threshold_sigma: float = DEFAULT_THRESHOLD_SIGMA  # the window's lower end, sigma_end
+    sigma_end: float = DEFAULT_THRESHOLD_SIGMA  # the window's lower end: the simple node's threshold_sigma
     mode: str = DEFAULT_MODE
     sigma_start: Optional[float] = None  # the window's upper end; None: no upper end
     ramp: str = DEFAULT_RAMP
@@ -149,7 +149,7 @@ class TacaSettings(NamedTuple):
         ``position`` is t / 1000: the sigma on flow models, the model's timestep over its training steps on
         discrete-time ones (``taca.patch.schedule_position``); the threshold is on the same scale.
         """
-        return (self.enabled and position >= self.threshold_sigma
+        return (self.enabled and position >= self.sigma_end
                 and (self.sigma_start is None or position <= self.sigma_start))
 
     def gamma_at(self, position: float) -> float:
@@ -160,9 +160,9 @@ class TacaSettings(NamedTuple):
         """
         if not self.active_at(position):
             return GAMMA_OFF
-        if self.ramp == "constant" or self.sigma_start is None or self.sigma_start <= self.threshold_sigma:
+        if self.ramp == "constant" or self.sigma_start is None or self.sigma_start <= self.sigma_end:
             return self.gamma
-        weight = (position - self.threshold_sigma) / (self.sigma_start - self.threshold_sigma)
+        weight = (position - self.sigma_end) / (self.sigma_start - self.sigma_end)
         if self.ramp == "cosine":
             weight = 0.5 - 0.5 * math.cos(math.pi * weight)
         return GAMMA_OFF + (self.gamma - GAMMA_OFF) * weight
@@ -181,3 +181,7 @@ def stored(transformer_options: Dict[str, Any]) -> Optional[TacaSettings]:
     """The settings a TACA Patch Model left on this model, or None."""
     settings = transformer_options.get(OPTIONS_KEY)
     return settings if isinstance(settings, TacaSettings) else None
+
+
+# TACA's default schedule: the window the LoRA gate and the probe's taca_steps use on a model without TACA.
+DEFAULT_SCHEDULE = TacaSettings()

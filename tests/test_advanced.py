@@ -25,7 +25,7 @@ from devtools import tiny_models as tm
 from devtools.sampling import ksample, schedule
 from harness import ReferenceTacaAttention, advanced, installed_override, rel_diff, taca, with_override
 from taca import patch
-from taca.attention import TextSpan
+from taca.attention import JointLayout
 from taca.settings import TacaSettings
 
 TOLERANCE = 1e-4  # fp32 model vs the same model with float64 attention
@@ -272,7 +272,7 @@ def test_adaptive_gamma_equals_a_brute_force_search_on_random_calls(seed):
     k = torch.randn(b, h, n, d, generator=g)
     v = torch.randn(b, h, n, d, generator=g)
     start = 0 if seed % 2 == 0 else 17
-    span = TextSpan(start, start + n_text, n)
+    span = JointLayout(start, start + n_text, n)
     mask = None
     if seed >= 3:  # key padding: each batch entry masks some text keys and some image keys
         mask = torch.zeros(b, 1, 1, n)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from taca import attention as taca_attention
-from taca.attention import TextSpan
+from taca.attention import JointLayout
 from reference import max_row_rel_err, taca_reference
 
 GAMMA = 1.2
@@ -67,7 +67,7 @@ def make_mask(kind, batch, heads, n, seed=1):
 
 def spans_for(n_text, n_visual, order):
     n = n_text + n_visual
-    return TextSpan.text_first(n_text, n) if order == "text_first" else TextSpan.text_last(n_text, n)
+    return JointLayout.text_first(n_text, n) if order == "text_first" else JointLayout.text_last(n_text, n)
 
 
 def plain_error(q, k, v, mask):
@@ -126,7 +126,7 @@ def test_exact_in_comfy_layout(order, mask_kind):
 
 def test_exact_text_in_the_middle():
     q, k, v = make_inputs(6, 30, torch.float32)
-    span = TextSpan(10, 16, 36)
+    span = JointLayout(10, 16, 36)
     mask = make_mask("additive", 2, 3, 36)
     out = taca_attention.exact_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, 2)
     ref = taca_reference(q, k, v, 10, 16, GAMMA, mask)
@@ -171,7 +171,7 @@ def test_flex_all_rows_match_eq10(dtype, mask_kind, order):
 
 def test_exact_gamma_one_is_plain_attention_bit_for_bit():
     q, k, v = make_inputs(8, 24, torch.float32)
-    span = TextSpan.text_first(8, 32)
+    span = JointLayout.text_first(8, 32)
     plain = sdpa_bhnd(q, k, v, None)
     # gamma == 1 is handled upstream by not patching at all; the selective path with gamma 1
     # is still one call on an identical copy of K.
@@ -182,11 +182,11 @@ def test_exact_gamma_one_is_plain_attention_bit_for_bit():
 def test_exact_does_not_touch_inputs():
     q, k, v = make_inputs(8, 24, torch.float32)
     k_before = k.clone()
-    taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, TextSpan.text_first(8, 32), GAMMA, 2, 2)
+    taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, JointLayout.text_first(8, 32), GAMMA, 2, 2)
     assert torch.equal(k, k_before)
 
 
-@pytest.mark.parametrize("span", [TextSpan.text_first(9, 39), TextSpan.text_last(9, 39), TextSpan(12, 21, 39)])
+@pytest.mark.parametrize("span", [JointLayout.text_first(9, 39), JointLayout.text_last(9, 39), JointLayout(12, 21, 39)])
 def test_row_groups_written_straight_into_the_token_layout(span):
     """(B, H, n, D) row groups -> (B, N, H*D), the layout ComfyUI's models ask for."""
     heads = 3
@@ -198,7 +198,7 @@ def test_row_groups_written_straight_into_the_token_layout(span):
     assert max_row_rel_err(from_bn_hd(out, heads), ref) <= 1e-5
 
 
-KEY_SPANS = [TextSpan.text_first(9, 39), TextSpan.text_last(9, 39), TextSpan(12, 21, 39)]
+KEY_SPANS = [JointLayout.text_first(9, 39), JointLayout.text_last(9, 39), JointLayout(12, 21, 39)]
 
 
 @pytest.mark.parametrize("policy", ["owned", "borrowed"])
@@ -255,14 +255,14 @@ def test_borrowed_keys_are_given_back_when_the_backend_fails():
         return sdpa_bhnd(q_, k_, v_, mask_)
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        taca_attention.exact_attention(failing, q, k, v, None, TextSpan.text_first(9, 39), GAMMA, 2, 2, "borrowed")
+        taca_attention.exact_attention(failing, q, k, v, None, JointLayout.text_first(9, 39), GAMMA, 2, 2, "borrowed")
     assert torch.equal(k, k_before)
 
 
 def test_unknown_key_policy_is_refused():
     q, k, v = make_inputs(9, 30, torch.float32)
     with pytest.raises(ValueError, match="key policy"):
-        taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, TextSpan.text_first(9, 39), GAMMA, 2, 2, "steal")
+        taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, JointLayout.text_first(9, 39), GAMMA, 2, 2, "steal")
 
 
 def sdpa_bhnd_with(**sdpa_kwargs):

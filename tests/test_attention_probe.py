@@ -20,7 +20,7 @@ from devtools.sampling import sample_sigmas
 from harness import GAMMA, taca
 from taca import patch as taca_patch
 from taca import probe_patch
-from taca.attention import TextSpan
+from taca.attention import JointLayout
 from test_families import AVAILABLE, CASES, joint_layout, setup, step
 
 BRUTE_FORCE_TOL = 1e-6  # probe (float64 LSE) vs float64 full softmax, all rows measured
@@ -205,7 +205,7 @@ def test_the_subset_estimate_on_a_large_random_case():
     ramp = torch.linspace(-1, 1, visual)
     q[:, :, text:, 0] += 2.0 * ramp
     k[:, :, :text, 0] += 1.0
-    span = TextSpan.text_first(text, text + visual)
+    span = JointLayout.text_first(text, text + visual)
     call = taca_patch.parse_joint_call((q, k, k, heads), {"skip_reshape": True, "skip_output_reshape": True},
                                        {span.length: span})
     recorder = probe_patch.ProbeRecorder("all_steps", 1024)

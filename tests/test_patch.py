@@ -13,7 +13,7 @@ import comfyui_version
 
 from devtools.comfy_runtime import version_key
 from reference import max_row_rel_err, taca_reference
-from taca.attention import TextSpan, VisualRowsSpan
+from taca.attention import JointLayout
 from taca.patch import OVERRIDE_KEY, TacaAttentionOverride, passthrough_attention
 from taca.settings import TacaSettings
 
@@ -21,7 +21,7 @@ COMFYUI_VERSION = comfyui_version.__version__
 
 GAMMA = 1.2
 HEADS, DIM, TEXT, VISUAL = 3, 16, 7, 25
-SPAN = TextSpan.text_first(TEXT, TEXT + VISUAL)
+SPAN = JointLayout.text_first(TEXT, TEXT + VISUAL)
 
 
 def override(mode):
@@ -204,7 +204,7 @@ def test_flex_keeps_low_precision_attention_and_hands_unknown_keywords_to_the_ke
 @pytest.mark.parametrize("skip_reshape", [True, False], ids=["bhnd", "tokens"])
 @pytest.mark.parametrize("mode", ["exact", "selective", "flex"])
 def test_a_call_of_the_visual_rows_alone_is_eq10_in_one_kernel_call(mode, skip_reshape):
-    """A VisualRowsSpan layout (HiDream-O1's): the model hands over only the visual query rows, against every key,
+    """A visual_queries_only layout (HiDream-O1's): the model hands over only the visual query rows, against every key,
     with fewer K/V heads where this ComfyUI's kernels take enable_gqa, as HiDream-O1 passes it.  Every mode gives
     eq. 10 for those rows (exact and selective in one kernel call), the caller's K is unchanged, and a call of the
     whole sequence, text rows included, is not this layout's and is left alone."""
@@ -218,7 +218,7 @@ def test_a_call_of_the_visual_rows_alone_is_eq10_in_one_kernel_call(mode, skip_r
         kernel_calls.append(args[0].shape)
         return kernel(*args, **kw)
 
-    taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, mode), [VisualRowsSpan.text_first(TEXT, TEXT + VISUAL)],
+    taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, mode), [JointLayout.text_first(TEXT, TEXT + VISUAL, visual_queries_only=True)],
                                  counting)
     out = call_comfy(func, q[:, :, TEXT:], k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
     assert taca.joint_calls == 1 and taca.other_calls == 0
@@ -276,7 +276,7 @@ def test_flex_honours_attn_precision_float32():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, HEADS, 96, 64, generator=g).bfloat16() for _ in range(3))
     q = q * 2
-    span = TextSpan.text_first(16, 96)
+    span = JointLayout.text_first(16, 96)
     ref = taca_reference(q, k, v, 0, 16, GAMMA)
     rounding = max_row_rel_err(ref.bfloat16(), ref)
     taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, "flex"), [span], None)

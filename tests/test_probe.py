@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from taca import probe
-from taca.attention import TextSpan
+from taca.attention import JointLayout
 
 GAMMAS = (1.0, 1.25, 2.0, 3.5)
 
@@ -80,9 +80,9 @@ def make_qk(n, batch=2, heads=3, kv_heads=None, dim=8, seed=0):
 N_TEXT, N_VISUAL = 7, 40
 N = N_TEXT + N_VISUAL
 SPANS = {
-    "text_first": TextSpan.text_first(N_TEXT, N),
-    "text_last": TextSpan.text_last(N_TEXT, N),
-    "text_middle": TextSpan(10, 10 + N_TEXT, N),
+    "text_first": JointLayout.text_first(N_TEXT, N),
+    "text_last": JointLayout.text_last(N_TEXT, N),
+    "text_middle": JointLayout(10, 10 + N_TEXT, N),
 }
 
 
@@ -162,9 +162,9 @@ def test_every_row_masked_is_share_zero():
 
 def test_no_text_tokens_share_zero_and_no_image_refused():
     q, k = make_qk(N)
-    assert (probe.text_share(q, k, TextSpan.text_first(0, N), GAMMAS) == 0).all()
+    assert (probe.text_share(q, k, JointLayout.text_first(0, N), GAMMAS) == 0).all()
     with pytest.raises(ValueError, match="no image tokens"):
-        probe.text_share(q, k, TextSpan.text_first(N, N), GAMMAS)
+        probe.text_share(q, k, JointLayout.text_first(N, N), GAMMAS)
 
 
 def test_probe_rows_evenly_spaced_with_both_ends():
@@ -200,7 +200,7 @@ def test_subset_estimate_on_a_large_image():
                           indexing="ij")
     blob = 1.5 * torch.exp(-((x - 40.0) ** 2 + (y - 25.0) ** 2) / (2 * 12.0 ** 2)).flatten()
     q[:, :, :-n_text] += blob[:, None] * towards_text
-    span = TextSpan.text_last(n_text, n)
+    span = JointLayout.text_last(n_text, n)
     gammas = (1.0, 2.0)
     every_row = probe.ShareProbe.measure(q, k, span)
     full = every_row.mean_share(gammas)[:, 0]
@@ -225,7 +225,7 @@ def grid_search(q, k, span, target, gamma_max, mask=None, scale=None, points=200
 @pytest.mark.parametrize("case", ["plain", "additive_with_inf", "gqa_bool_3d"])
 @pytest.mark.parametrize("reach", ["reachable", "out_of_reach"])
 def test_adaptive_gamma_equals_a_fine_grid_search(case, reach):
-    span = TextSpan.text_last(4, 16)  # small: the brute force takes the full softmax at 2001 gammas
+    span = JointLayout.text_last(4, 16)  # small: the brute force takes the full softmax at 2001 gammas
     q, k, mask, scale = case_inputs(case, n=16)
     gamma_max = 4.0
     at_one, at_max = brute_force_mean(q, k, span, [1.0, gamma_max], mask, scale).mean(dim=1).tolist()
@@ -253,7 +253,7 @@ def rising_then_falling():
     q[0, 0, n_text:n_text + 4] = torch.tensor([2.0, 4.0])
     q[0, 0, n_text + 4:] = torch.tensor([-1.0, -2.0])
     q[0, 0, :n_text] = torch.tensor([0.5, 0.5])
-    return q, k, TextSpan.text_first(n_text, n)
+    return q, k, JointLayout.text_first(n_text, n)
 
 
 def closed_form(gamma):

@@ -17,7 +17,7 @@ from devtools.sampling import ksample, schedule
 from harness import taca
 from reference import max_row_rel_err, taca_reference
 from taca import patch, settings as taca_settings
-from taca.attention import TextSpan
+from taca.attention import JointLayout
 from taca.settings import TacaSettings
 from test_lora import lora_dir, save  # noqa: F401  (the LoRA folder fixture and writer)
 
@@ -117,7 +117,7 @@ def flex_inputs():
 def test_a_bad_mask_in_flex_propagates_and_keeps_compilation_on(fresh_flex_kernel):
     q, k, v = flex_inputs()
     with pytest.raises(RuntimeError) as err:
-        fresh_flex_kernel.run(q, k, v, torch.zeros(5, 7), TextSpan.text_first(6, 24), 1.2)
+        fresh_flex_kernel.run(q, k, v, torch.zeros(5, 7), JointLayout.text_first(6, 24), 1.2)
     assert not isinstance(err.value, patch.compile_errors())
     assert not fresh_flex_kernel.compile_failed
 
@@ -126,10 +126,10 @@ def test_out_of_memory_in_the_compiled_call_propagates_and_keeps_compilation_on(
     def out_of_memory(*args, **kwargs):  # what the compiled kernel raises on a device that is full
         raise torch.OutOfMemoryError("out of memory")
 
-    fresh_flex_kernel.run(*flex_inputs(), None, TextSpan.text_first(6, 24), 1.2)  # compiles
+    fresh_flex_kernel.run(*flex_inputs(), None, JointLayout.text_first(6, 24), 1.2)  # compiles
     monkeypatch.setattr(patch._FlexKernel, "compiled", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        fresh_flex_kernel.run(*flex_inputs(), None, TextSpan.text_first(6, 24), 1.2)
+        fresh_flex_kernel.run(*flex_inputs(), None, JointLayout.text_first(6, 24), 1.2)
     assert not fresh_flex_kernel.compile_failed
 
 
@@ -147,7 +147,7 @@ def test_a_compiler_failure_falls_back_to_eager_flex(fresh_flex_kernel, monkeypa
     q, k, v = flex_inputs()
     try:
         with caplog.at_level(logging.WARNING, logger="comfyui-taca"):
-            out = fresh_flex_kernel.run(q, k, v, None, TextSpan.text_first(6, 24), 1.2)
+            out = fresh_flex_kernel.run(q, k, v, None, JointLayout.text_first(6, 24), 1.2)
     finally:
         torch._dynamo.reset()
     assert fresh_flex_kernel.compile_failed
