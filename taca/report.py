@@ -154,7 +154,7 @@ class RunReport:
 
     def as_message(self) -> Dict[str, Any]:
         steps = max(len(self.sample_sigmas) - 1, 0)
-        return {
+        message = {
             "node_id": self.node_id,
             "gamma": self.settings.gamma,
             "threshold_sigma": self.settings.sigma_end,
@@ -184,9 +184,15 @@ class RunReport:
             "blocks_warning": self.blocks_warning(),
             "step_gammas": self.step_gammas(),
         }
+        message["summary"] = self.summary_of(message)
+        return message
 
     def summary(self) -> str:
-        m = self.as_message()
+        return self.as_message()["summary"]
+
+    @classmethod
+    def summary_of(cls, m: Dict[str, Any]) -> str:
+        """The report in one line of words (the log line, and what the frontend shows under the node)."""
         if m["warning"]:
             return m["warning"]
         steps = ", ".join(str(s) for s in m["acted_steps"]) or "none"
@@ -196,7 +202,7 @@ class RunReport:
         text = (f"TACA acted on steps {steps} of {m['steps_total']} ({window}, gamma "
                 f"{m['gamma']:g}, {m['mode']}): {m['attention_calls']} joint attention calls in "
                 f"{m['model_calls_acted']} of {m['model_calls']} model calls.")
-        return text + self._advanced_summary(m)
+        return text + cls._advanced_summary(m)
 
     @staticmethod
     def _advanced_summary(m: Dict[str, Any]) -> str:
