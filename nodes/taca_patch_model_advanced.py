@@ -10,6 +10,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..taca import settings as taca_settings
+from ..taca.families import joint_calls_summary
 from ..taca.settings import TacaSettings
 from .taca_patch_model import MODEL_OUTPUT_TOOLTIP, gamma_input, mode_input, model_input, patched_model
 
@@ -20,9 +21,9 @@ DESCRIPTION = (
     "Bypass the node to undo it."
 )
 
-# Joint attention calls per model call of the real models (their configs; the help page has the table).
-BLOCK_COUNTS = ("FLUX.1 and Chroma 57 (19 double + 38 single blocks), Flux.2 56, SD3 / SD3.5 Medium 24, "
-                "SD3.5 Large 38, AuraFlow 36, HunyuanVideo and Qwen-Image 60, HiDream 48, Lumina 2 26, Z-Image 30")
+# Joint attention calls per model call of the real models, from taca.families.JOINT_CALLS (their published configs;
+# the help page has the table).
+BLOCK_COUNTS = joint_calls_summary()
 SCALE_NOTE = ("t/1000: the sigma on flow models (FLUX, SD3, Qwen-Image, ...), the model's timestep over its 1000 "
               "training steps on discrete-time ones (CogVideoX)")
 

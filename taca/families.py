@@ -649,3 +649,53 @@ def family_for_model(base_model: Any) -> ModelFamily:
         f"Remove the TACA Patch Model node (or bypass it) for this model."
     )
 
+
+
+class JointCalls(NamedTuple):
+    """How many joint text+image attention calls one model call of a real model makes, from its published config."""
+
+    model: str  # the model, as its makers name it
+    family: str  # the ``ModelFamily.name`` it runs as
+    calls: int  # joint attention calls per model call: what the Advanced node's ``blocks`` input counts
+    blocks: Tuple[Tuple[int, str], ...]  # what they are, in call order: (how many, kind of block)
+    unit: str = "blocks"  # what the model's config calls them
+    not_counted: str = ""  # attention of the model that is not a joint call (TACA leaves it alone)
+
+    def made_of(self) -> str:
+        return " + ".join(f"{count} {kind}" for count, kind in self.blocks) + f" {self.unit}"
+
+
+# Joint attention calls per model call of the real models (the one place these numbers are written: the Advanced
+# node's tooltip, its help page and the support matrix are made from it).
+JOINT_CALLS: Tuple[JointCalls, ...] = (
+    JointCalls("FLUX.1", "FLUX.1 (dev, schnell, Kontext, Fill)", 57, ((19, "double-stream"), (38, "single-stream"))),
+    JointCalls("Chroma", "Chroma, Chroma Radiance", 57, ((19, "double-stream"), (38, "single-stream"))),
+    JointCalls("Flux.2 [dev]", "Flux.2", 56, ((8, "double-stream"), (48, "single-stream"))),
+    JointCalls("SD3 / SD3.5 Medium", "SD3 / SD3.5 (Large, Medium)", 24, ((24, "joint"),),
+               not_counted="SD3.5 Medium's extra image-only attention"),
+    JointCalls("SD3.5 Large", "SD3 / SD3.5 (Large, Medium)", 38, ((38, "joint"),)),
+    JointCalls("AuraFlow", "AuraFlow", 36, ((4, "joint"), (32, "single"))),
+    JointCalls("HunyuanVideo 1.0", "HunyuanVideo 1.0 (T2V, I2V, SkyReels I2V)", 60,
+               ((20, "double-stream"), (40, "single-stream")), not_counted="the token refiner"),
+    JointCalls("Qwen-Image", "Qwen-Image (and Qwen-Image-Edit)", 60, ((60, "joint"),)),
+    JointCalls("HiDream-I1", "HiDream", 48, ((16, "double-stream"), (32, "single-stream"))),
+    JointCalls("Lumina 2", "Lumina 2 / Z-Image", 26, ((26, "joint"),), unit="layers",
+               not_counted="the context and noise refiners"),
+    JointCalls("Z-Image", "Lumina 2 / Z-Image", 30, ((30, "joint"),), unit="layers",
+               not_counted="the context and noise refiners"),
+)
+
+
+def joint_calls_summary() -> str:
+    """JOINT_CALLS in one line (the Advanced node's tooltip): models with the same count together, the first with what
+    its calls are made of."""
+    groups: List[List[JointCalls]] = []
+    for row in JOINT_CALLS:
+        if groups and groups[-1][0].calls == row.calls:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    parts = [" and ".join(r.model for r in group) + f" {group[0].calls}" for group in groups]
+    if len({row.made_of() for row in groups[0]}) == 1:
+        parts[0] += f" ({groups[0][0].made_of()})"
+    return ", ".join(parts)
