@@ -83,3 +83,17 @@ def test_pack_sources_parse_as_python_3_10():
                     ast.parse(f.read(), filename=name, feature_version=(3, 10))
                 checked += 1
     assert checked >= 6
+
+
+def test_pyproject_description_names_every_family_and_tested_version():
+    """The description the Comfy Registry shows is made from taca.families (devtools/help_pages.py), not retyped."""
+    from taca.families import FAMILIES
+
+    description = load_pyproject()["project"]["description"]
+    for family in FAMILIES:
+        assert family.name.split(" (")[0] in description, family.name
+    assert f"{len(FAMILIES)} MM-DiT model families" in description
+    listed = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup_runtime.sh"), "--list"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    for version in listed:
+        assert version in description
