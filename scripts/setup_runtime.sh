@@ -161,3 +161,16 @@ if [ ! -x "$CHROMIUM" ] && [ "${TACA_SKIP_BROWSER:-0}" != "1" ]; then
         log "no $CHROMIUM and no root apt-get: install chromium for the browser tests (or set TACA_SKIP_BROWSER=1 to skip them)"
     fi
 fi
+
+# Node.js for tests/test_js_rules.py, which runs the frontend's schedule rules (js/taca_rules.js) against the
+# Python they mirror; that test fails without it.
+if ! command -v node >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        log "installing Debian nodejs for tests/test_js_rules.py"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends nodejs >/dev/null
+    else
+        log "no node and no root apt-get: install nodejs for tests/test_js_rules.py"
+    fi
+fi
