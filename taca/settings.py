@@ -40,19 +40,21 @@ def _in_range(value: Any, low: float, high: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
 
 
+def _check_range(name: str, value: Any, low: float, high: float, what: str, hint: str, spec: str = "g") -> None:
+    """Raise ValueError unless ``low <= value <= high`` (a finite number), naming the input, its value, the
+    range (bounds formatted with ``spec``) and a hint: ``TACA: name=value is out of range; use <what> in
+    [low, high] (hint).``"""
+    if not _in_range(value, low, high):
+        raise ValueError(f"TACA: {name}={value!r} is out of range; use {what} in "
+                         f"[{low:{spec}}, {high:{spec}}] ({hint}).")
+
+
 def validate_settings(gamma: float, threshold_sigma: float, mode: str, threshold_name: str = "threshold_sigma") -> None:
     """Raise ValueError naming the bad value and the accepted range (the threshold by the node's name for it)."""
-    if not _in_range(gamma, GAMMA_MIN, GAMMA_MAX):
-        raise ValueError(
-            f"TACA: gamma={gamma!r} is out of range; use a value in [{GAMMA_MIN}, {GAMMA_MAX}] "
-            f"(the paper uses 1.15-1.25, default {DEFAULT_GAMMA}; {GAMMA_OFF} disables TACA)."
-        )
-    if not _in_range(threshold_sigma, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):
-        raise ValueError(
-            f"TACA: {threshold_name}={threshold_sigma!r} is out of range; use a sigma in "
-            f"[{THRESHOLD_SIGMA_MIN:g}, {THRESHOLD_SIGMA_MAX:g}] "
-            f"(default {DEFAULT_THRESHOLD_SIGMA}, i.e. t_thresh = {DEFAULT_THRESHOLD_SIGMA * 1000:g} in the paper)."
-        )
+    _check_range("gamma", gamma, GAMMA_MIN, GAMMA_MAX, "a value",
+                 f"the paper uses 1.15-1.25, default {DEFAULT_GAMMA}; {GAMMA_OFF} disables TACA", spec="")
+    _check_range(threshold_name, threshold_sigma, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX, "a sigma",
+                 f"default {DEFAULT_THRESHOLD_SIGMA}, i.e. t_thresh = {DEFAULT_THRESHOLD_SIGMA * 1000:g} in the paper")
     if mode not in MODES:
         raise ValueError(f"TACA: unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
 
@@ -63,18 +65,15 @@ def validate_schedule(sigma_start: Optional[float], sigma_end: float, ramp: str,
     sigma_end's own range is checked by ``validate_settings``, as the threshold it is.
     """
     if sigma_start is not None:
-        if not _in_range(sigma_start, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX):
-            raise ValueError(f"TACA: sigma_start={sigma_start!r} is out of range; use a sigma in "
-                             f"[{THRESHOLD_SIGMA_MIN:g}, {THRESHOLD_SIGMA_MAX:g}] (default {DEFAULT_SIGMA_START:g}: "
-                             "from the first step).")
+        _check_range("sigma_start", sigma_start, THRESHOLD_SIGMA_MIN, THRESHOLD_SIGMA_MAX, "a sigma",
+                     f"default {DEFAULT_SIGMA_START:g}: from the first step")
         if sigma_end > sigma_start:
             raise ValueError(f"TACA: sigma_end={sigma_end:g} is above sigma_start={sigma_start:g}, so the window "
                              "is empty; TACA acts while sigma_end <= sigma <= sigma_start. Swap them or widen it.")
     if ramp not in RAMPS:
         raise ValueError(f"TACA: unknown ramp {ramp!r}; choose one of {', '.join(RAMPS)}.")
-    if not _in_range(target_share, TARGET_SHARE_OFF, TARGET_SHARE_MAX):
-        raise ValueError(f"TACA: target_share={target_share!r} is out of range; use a share of attention in "
-                         f"[{TARGET_SHARE_OFF:g}, {TARGET_SHARE_MAX:g}] ({TARGET_SHARE_OFF:g} turns adaptive gamma off).")
+    _check_range("target_share", target_share, TARGET_SHARE_OFF, TARGET_SHARE_MAX, "a share of attention",
+                 f"{TARGET_SHARE_OFF:g} turns adaptive gamma off")
 
 
 def parse_blocks(text: str) -> Tuple[int, ...]:
