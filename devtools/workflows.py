@@ -140,12 +140,18 @@ def compare_workflow(model_node, model_slot, clip, vae, prompt, negative, size, 
     return g
 
 
-def flux1_dev_compare() -> Dict[str, Any]:
-    g = Graph()
+def _flux1_dev_loaders(g: Graph) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """FLUX.1-dev's loaders in the left column: (diffusion model, CLIP-L + T5-XXL, VAE)."""
     unet = g.add("UNETLoader", ["flux1-dev.safetensors", "default"], (20, 40), (340, 82))
     clip = g.add("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (20, 170),
                  (340, 130))
     vae = g.add("VAELoader", ["ae.safetensors"], (20, 340), (340, 58))
+    return unet, clip, vae
+
+
+def flux1_dev_compare() -> Dict[str, Any]:
+    g = Graph()
+    unet, clip, vae = _flux1_dev_loaders(g)
     g.add("Note", [LORA_NOTE + " Prompt from the TACA paper (spatial relation)."], (20, 440), (360, 240), "TACA LoRA")
     compare_workflow(unet, 0, (clip, 0), (vae, 0), "a squirrel to the left of the man", "", 1024, 30, 1.0, 42,
                      "taca_flux1_dev_r64.safetensors", "taca/flux1_dev_compare", g, guidance=3.5)
@@ -179,10 +185,7 @@ def tiny_demo() -> Dict[str, Any]:
 def gamma_sweep() -> Dict[str, Any]:
     """FLUX.1-dev, one seed, gamma 1.0 / 1.15 / 1.2 / 1.25 / 1.3 (Table 5 of the paper), one row of images."""
     g = Graph()
-    unet = g.add("UNETLoader", ["flux1-dev.safetensors", "default"], (20, 40), (340, 82))
-    clip = g.add("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (20, 170),
-                 (340, 130))
-    vae = g.add("VAELoader", ["ae.safetensors"], (20, 340), (340, 58))
+    unet, clip, vae = _flux1_dev_loaders(g)
     g.add("Note", ["gamma 1.0 is the model without TACA. The paper's ablation (Table 5) finds 1.15-1.25 all help; "
                    "1.3 helps shape and spatial layout but hurts colour and texture. Prompt from the paper."],
           (20, 440), (360, 160), "Gamma sweep")
