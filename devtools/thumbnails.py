@@ -22,9 +22,8 @@ from typing import Any, Dict
 
 from devtools import browser
 from devtools.comfy_server import ComfyServer
+from devtools.workflows import REPO, WORKFLOWS_DIR
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS_DIR = os.path.join(REPO, "workflows")
 THUMB_SIZE = (640, 360)
 # For pictures: no canvas info text or zoom controls, and node text drawn at any zoom.
 THUMB_SETTINGS = {"Comfy.Graph.CanvasInfo": False, "Comfy.Graph.CanvasMenu": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1}
@@ -135,7 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
-    from devtools import comfy_runtime  # noqa: F401  (checks the runtime exists)
-
     sys.exit(main())
