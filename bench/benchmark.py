@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 import weakref
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from devtools import comfy_runtime  # noqa: E402
@@ -58,8 +58,10 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 from devtools import tiny_models as tm  # noqa: E402
 from devtools.host_reads import HostReadCounter  # noqa: E402
 from taca.attention import JointLayout, assemble_heads_as_tokens  # noqa: E402
-from taca import probe_patch  # noqa: E402
-from taca.patch import TacaAttentionOverride, TacaSettings  # noqa: E402
+from taca import probe_record  # noqa: E402
+from taca.hooks import CallContext, JointAttentionOverride  # noqa: E402
+from taca.joint_call import layouts_by_length  # noqa: E402
+from taca.settings import TacaSettings  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROWS: List[Tuple[str, ...]] = []
@@ -144,11 +146,24 @@ def attention_inputs(heads, dim, text, image, dtype, skip_reshape, seed=0):
     return q, k, v
 
 
+def taca_override(settings: Optional[TacaSettings], span: JointLayout,
+                  probe: Optional[probe_record.ProbeCall] = None) -> JointAttentionOverride:
+    """The override of one model call inside TACA's window (``settings`` None: the probe alone, gamma 1)."""
+    if settings is None:
+        return JointAttentionOverride(CallContext(1.0, 1.0, None, 1.0, layouts_by_length([span]), probe), None)
+    return JointAttentionOverride(CallContext.for_layouts(settings, [span], probe=probe), None)
+
+
 def attention_variants(backend, q, k, v, heads, mask, skip_reshape, span) -> Dict[str, Callable[[], object]]:
     def call(mode):
-        override = None if mode is None else TacaAttentionOverride(TacaSettings(1.2, 0.97, mode), [span], None)
-        options = {} if override is None else {"optimized_attention_override": override}
-        return lambda: backend(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, transformer_options=options)
+        if mode is None:
+            return lambda: backend(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, transformer_options={})
+
+        def run():  # one model call's override, as the model call wrapper makes it
+            override = taca_override(TacaSettings(1.2, 0.97, mode), span)
+            return backend(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+                           transformer_options={"optimized_attention_override": override})
+        return run
 
     return {"plain": call(None), "exact": call("exact"), "selective": call("selective"), "flex": call("flex"),
             "two calls, no TACA": split_floor(backend, q, k, v, heads, mask, skip_reshape, span)}
@@ -504,33 +519,31 @@ def bench_compile(nodes, rounds: int, steps: int = 30, call_rounds: int = 15, pa
 
 def probed(nodes, model, record="taca_steps"):
     return nodes["TACAAttentionProbe"].execute(model=model, record=record,
-                                               max_rows=probe_patch.DEFAULT_MAX_ROWS).result[0]
+                                               max_rows=probe_record.DEFAULT_MAX_ROWS).result[0]
 
 
 def probe_attention_variants(backend, q, k, v, heads, skip_reshape, span) -> Dict[str, Callable[[], object]]:
     """One joint attention call, plain and recorded by the probe (alone, with its first-step map, and beside TACA)."""
-    def call(with_map: bool = False, taca: bool = False, max_rows: int = probe_patch.DEFAULT_MAX_ROWS):
-        recorder = probe_patch.ProbeRecorder("all_steps", max_rows)
-        if taca:
-            override = TacaAttentionOverride(TacaSettings(1.2, 0.97, "exact"), [span], None, recorder=recorder)
-        else:
-            override = probe_patch.ProbeAttentionOverride([span], None, recorder)
-        options = {"optimized_attention_override": override}
-        side = int(round((span.length - span.text_tokens) ** 0.5))
+    side = int(round((span.length - span.text_tokens) ** 0.5))
 
-        def run():
-            recorder.heatmap = None if with_map else {}  # the map is measured on the first recorded model call
-            recorder.begin(1.0, (1, 16, side, side))
-            return backend(q, k, v, heads, skip_reshape=skip_reshape, transformer_options=options)
+    def call(with_map: bool = False, taca: bool = False, max_rows: int = probe_record.DEFAULT_MAX_ROWS):
+        def run():  # one recorded model call: its sink and override, as the model call wrapper makes them
+            sink = probe_record.ProbeCall(0, 1.0, (0,), (1, 16, side, side), max_rows, with_map)
+            override = taca_override(TacaSettings(1.2, 0.97, "exact") if taca else None, span, sink)
+            return backend(q, k, v, heads, skip_reshape=skip_reshape,
+                           transformer_options={"optimized_attention_override": override})
         return run
 
-    exact = TacaAttentionOverride(TacaSettings(1.2, 0.97, "exact"), [span], None)
+    def exact():
+        override = taca_override(TacaSettings(1.2, 0.97, "exact"), span)
+        return backend(q, k, v, heads, skip_reshape=skip_reshape,
+                       transformer_options={"optimized_attention_override": override})
+
     return {"plain": lambda: backend(q, k, v, heads, skip_reshape=skip_reshape, transformer_options={}),
             "probe": call(),
             "probe, first step (with map)": call(with_map=True),
             "probe, max_rows 256": call(max_rows=256),
-            "exact": lambda: backend(q, k, v, heads, skip_reshape=skip_reshape,
-                                     transformer_options={"optimized_attention_override": exact}),
+            "exact": exact,
             "exact + probe": call(taca=True)}
 
 

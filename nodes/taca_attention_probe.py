@@ -2,14 +2,14 @@
 
 The measurement is the paper's (arXiv 2506.07986, Figure 2): per joint attention call, the share of each image
 query's softmax that falls on the text keys, averaged over image queries and heads.  The logic lives in
-``taca.probe`` (the arithmetic) and ``taca.probe_patch`` (the hooks); the TACA Probe Report shows what it found.
+``taca.probe`` (the arithmetic), ``taca.probe_record`` (a run's measurements) and ``taca.hooks``; the TACA Probe Report shows what it found.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..taca import families, probe_patch
+from ..taca import families, hooks, probe_record
 from ..taca import settings as taca_settings
 
 DESCRIPTION = (
@@ -33,12 +33,12 @@ class TACAAttentionProbe(io.ComfyNode):
                 io.Model.Input("model", tooltip=f"A joint-attention (MM-DiT) model: {families.supported_names()}. "
                                                 "With or without a TACA Patch Model, before or after this node."),
                 io.Combo.Input(
-                    "record", options=list(probe_patch.RECORD), default="taca_steps",
+                    "record", options=list(probe_record.RECORD), default="taca_steps",
                     tooltip="taca_steps: the model calls where TACA acts (those of the TACA Patch Model on this model; "
                             f"without one, t/1000 >= {taca_settings.DEFAULT_THRESHOLD_SIGMA}, the first steps). "
                             "all_steps: every model call (slower: each joint attention call is measured)."),
                 io.Int.Input(
-                    "max_rows", default=probe_patch.DEFAULT_MAX_ROWS, min=1, max=probe_patch.MAX_ROWS_LIMIT,
+                    "max_rows", default=probe_record.DEFAULT_MAX_ROWS, min=1, max=probe_record.MAX_ROWS_LIMIT,
                     tooltip="Image query rows measured per attention call, evenly spaced over the image (all of them "
                             "when the image has fewer). The text share is their mean; more rows cost more time. The "
                             "first recorded model call measures every row for the map."),
@@ -49,9 +49,8 @@ class TACAAttentionProbe(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, record: str, max_rows: int) -> io.NodeOutput:
+        settings = probe_record.ProbeSettings.from_inputs(record, max_rows)
         family = families.family_for_model(model.model)
-        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        recorder = probe_patch.ProbeRecorder(record, max_rows, node_id)
         probed = model.clone()
-        probe_patch.install(probed, recorder, family)
+        hooks.install_probe(probed, settings, family)
         return io.NodeOutput(probed)

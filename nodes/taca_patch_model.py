@@ -3,7 +3,7 @@
 Lv, Pan, Si, Chen, Zuo, Liu, Wong, "TACA: Rethinking Cross-Modal Interaction in
 Multimodal Diffusion Transformers", arXiv 2506.07986 (2025).  The node is thin:
 the arithmetic lives in ``taca.attention``, the model knowledge in
-``taca.families`` and the ComfyUI hooks in ``taca.patch``.
+``taca.families`` and the ComfyUI hooks in ``taca.hooks``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..taca import attention as taca_attention
-from ..taca import families, patch
+from ..taca import families, hooks
 from ..taca import settings as taca_settings
 from ..taca.settings import TacaSettings
 
@@ -56,7 +56,7 @@ def patched_model(node: type, model: io.Model.Type, settings: TacaSettings) -> i
         taca_attention.require_flex()
     patched = model.clone()
     node_id = getattr(getattr(node, "hidden", None), "unique_id", None)
-    patch.install(patched, settings, family, node_id)
+    hooks.install_taca(patched, settings, family, node_id)
     return io.NodeOutput(patched)
 
 

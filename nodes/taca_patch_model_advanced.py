@@ -2,7 +2,7 @@
 an adaptive gamma.
 
 Same arithmetic and modes as TACA Patch Model (``nodes.taca_patch_model``, whose inputs and install it shares);
-the schedule is ``taca.settings.TacaSettings``' last four fields, applied per joint call by ``taca.patch``.
+the schedule is ``taca.settings.TacaSettings``' last four fields, applied per joint call by ``taca.hooks``.
 """
 
 from __future__ import annotations

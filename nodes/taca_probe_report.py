@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..taca import probe_patch, probe_plot
+from ..taca import hooks, probe_plot
 
 DESCRIPTION = (
     "Shows what a TACA Attention Probe measured in the last sampling run of its model: the image-to-text "
@@ -55,10 +55,10 @@ class TACAProbeReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, latent: dict) -> io.NodeOutput:
-        recorder = probe_patch.recorder_of(model)
-        if recorder is None:
+        run = hooks.last_probe_run(model)
+        if run is None:
             raise no_probe_error()
-        data = recorder.as_json()
+        data = run.as_json()
         text = json.dumps(data)
         image = plot_tensor(data)
         shown = ui.PreviewImage(image, cls=cls).as_dict()

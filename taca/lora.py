@@ -9,8 +9,8 @@ into the output slice of fused qkv / linear1 layers), so
 * base weights are never modified and no weight-sized backup or temporary
   exists; low-VRAM offloaded layers work because A and B follow the input's
   device and dtype;
-* the update can be switched per model call: a gate set by an APPLY_MODEL
-  wrapper from the same sigma test TACA uses.
+* the update can be switched per model call: a gate that reads the pack's
+  context of the model call under way, the same window test TACA uses.
 
 The patches are ComfyUI object patches on ``<layer>.forward``, so every patcher
 applies and restores them the same way: ``ModelPatcher.patch_model`` /
@@ -33,18 +33,17 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import threading
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import patch, settings as taca_settings
+from . import hooks, settings as taca_settings
 from .report import running_server
 
 log = logging.getLogger("comfyui-taca")
 
 ACTIVE_DURING = ("taca_steps", "all_steps")
-GATE_WRAPPER_KEY = "comfyui-taca-lora"
+CALLBACK_KEY = "comfyui-taca-lora"
 
 
 class LowRank(NamedTuple):
@@ -70,21 +69,36 @@ class LowRank(NamedTuple):
 class LoraGate:
     """Whether the LoRA acts in the model call under way; shared by one loader's layer patches.
 
-    Kept per thread: ComfyUI 0.33's multi-GPU sampling runs one model call per device at the same time,
-    each in its own thread, all through the first model's APPLY_MODEL wrappers and one shared gate.
+    It reads the context of the model call under way in this thread (``taca.hooks.current_call``), so model
+    calls running at the same time (ComfyUI 0.33's multi-GPU sampling, one thread per device) each see their own.
     """
 
-    def __init__(self, always: bool):
+    def __init__(self, always: bool, node_id: Optional[str] = None, lora_name: str = ""):
         self.always = always
-        self._local = threading.local()
+        self.node_id = node_id
+        self.lora_name = lora_name
+        self._told_no_taca = False
 
     @property
     def active(self) -> bool:
-        return getattr(self._local, "active", self.always)
+        if self.always:
+            return True
+        call = hooks.current_call()
+        if call is None:
+            return False  # a layer run outside a model call of the pack's wrapper
+        if call.settings is None:
+            self._tell_no_taca()
+        return call.taca_window
 
-    @active.setter
-    def active(self, value: bool) -> None:
-        self._local.active = value
+    def _tell_no_taca(self) -> None:
+        if self._told_no_taca:
+            return
+        self._told_no_taca = True
+        message = (f"TACA LoRA '{self.lora_name}' is meant to be used with TACA, but this model has no TACA Patch "
+                   f"Model; the LoRA acts while sigma >= {taca_settings.DEFAULT_SCHEDULE.sigma_end} without TACA. "
+                   "Add a TACA Patch Model node (before or after the loader) or set active_during to all_steps.")
+        log.warning(message)
+        notify_node(self.node_id, message)
 
 
 class LowRankForward:
@@ -136,40 +150,6 @@ def rebind_on_clone(source: Any, clone: Any) -> None:
     for name, patch_object in list(clone.object_patches.items()):
         if isinstance(patch_object, LowRankForward):
             clone.object_patches[name] = patch_object.for_model(clone.model)
-
-
-class LoraGateWrapper:
-    """APPLY_MODEL wrapper: opens the gate on exactly the model calls where TACA acts."""
-
-    def __init__(self, gate: LoraGate, node_id: Optional[str], lora_name: str):
-        self.gate = gate
-        self.node_id = node_id
-        self.lora_name = lora_name
-        self._told_no_taca = False
-
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                 **kwargs):
-        options = dict(transformer_options or {})
-        _, position = patch.current_sigma(t, options, executor.class_obj.model_sampling)
-        settings = taca_settings.stored(options)
-        if settings is None:
-            self._tell_no_taca()
-            settings = taca_settings.DEFAULT_SCHEDULE
-        self.gate.active = settings.active_at(position)
-        try:
-            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-        finally:
-            self.gate.active = False
-
-    def _tell_no_taca(self) -> None:
-        if self._told_no_taca:
-            return
-        self._told_no_taca = True
-        message = (f"TACA LoRA '{self.lora_name}' is meant to be used with TACA, but this model has no TACA Patch "
-                   f"Model; the LoRA acts while sigma >= {taca_settings.DEFAULT_SCHEDULE.sigma_end} without TACA. Add a TACA Patch Model "
-                   "node (before or after the loader) or set active_during to all_steps.")
-        log.warning(message)
-        notify_node(self.node_id, message)
 
 
 def notify_node(node_id: Optional[str], text: str) -> None:
@@ -302,20 +282,19 @@ def install(model_patcher: Any, match: LoraMatch, active_during: str, node_id: O
             lora_name: str) -> None:
     """Object-patch each target layer's forward on ``model_patcher`` (a clone the caller owns)."""
     import comfy.utils
-    from comfy.patcher_extension import CallbacksMP, WrappersMP
+    from comfy.patcher_extension import CallbacksMP
 
-    gate = LoraGate(always=(active_during == "all_steps"))
+    gate = LoraGate(always=(active_during == "all_steps"), node_id=node_id, lora_name=lora_name)
     for module_path, updates in match.updates.items():
         name = module_path + ".forward"
         original = model_patcher.get_model_object(name)  # chains onto another pack's forward patch
         module = comfy.utils.get_attr(model_patcher.model, module_path)
         own = inspect.ismethod(original) and original.__self__ is module
         model_patcher.add_object_patch(name, LowRankForward(original, updates, gate, module_path, own))
-    if rebind_on_clone not in model_patcher.get_callbacks(CallbacksMP.ON_CLONE, GATE_WRAPPER_KEY):
-        model_patcher.add_callback_with_key(CallbacksMP.ON_CLONE, GATE_WRAPPER_KEY, rebind_on_clone)
+    if rebind_on_clone not in model_patcher.get_callbacks(CallbacksMP.ON_CLONE, CALLBACK_KEY):
+        model_patcher.add_callback_with_key(CallbacksMP.ON_CLONE, CALLBACK_KEY, rebind_on_clone)
     if active_during == "taca_steps":
-        model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, GATE_WRAPPER_KEY,
-                                           LoraGateWrapper(gate, node_id, lora_name))
+        hooks.ensure_call_wrapper(model_patcher, None)  # the gate reads the model call's context
 
 
 def summarize(match: LoraMatch, lora_name: str, model_name: str, shown: int = 12) -> Tuple[str, Optional[str]]:

@@ -1,4 +1,4 @@
-"""The TACA Probe Report's picture, drawn with PIL from the probe's JSON (``ProbeRecorder.as_json``).
+"""The TACA Probe Report's picture, drawn with PIL from the probe's JSON (``ProbeRun.as_json``).
 
 Left: the image-to-text share per recorded step, plain (gamma 1) and with TACA's gamma, each as its mean over
 the joint attention calls (blocks) and batch entries, with a band from the lowest to the highest block.

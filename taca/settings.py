@@ -146,7 +146,7 @@ class TacaSettings(NamedTuple):
         """Paper eq. 11: gamma_0 while t >= t_thresh, else 1.
 
         ``position`` is t / 1000: the sigma on flow models, the model's timestep over its training steps on
-        discrete-time ones (``taca.patch.schedule_position``); the threshold is on the same scale.
+        discrete-time ones (``taca.hooks.schedule_position``); the threshold is on the same scale.
         """
         return (self.enabled and position >= self.sigma_end
                 and (self.sigma_start is None or position <= self.sigma_start))

@@ -11,27 +11,72 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from comfy.patcher_extension import WrappersMP
 from reference import taca_reference
+from taca import hooks, report as taca_report
 
 OVERRIDE_KEY = "optimized_attention_override"
+RUN_SPY_KEY = "test-run-spy"
 
 
 GAMMA = 1.2  # the paper's default temperature
 THRESHOLD = 0.97  # the paper's sigma threshold (eq. 11)
 
 
+class RunSpy:
+    """OUTER_SAMPLE wrapper inside the pack's run wrappers: keeps the state the last sampling run recorded."""
+
+    def __init__(self):
+        self.state = None
+
+    def __call__(self, executor, *args, **kwargs):
+        self.state = executor.class_obj.model_options.get("transformer_options", {}).get(hooks.RUN_KEY)
+        return executor(*args, **kwargs)
+
+
+def with_run_spy(model):
+    """``model`` (a node's output, which the test owns) with a ``RunSpy``, after the wrappers already on it."""
+    model.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, RUN_SPY_KEY)
+    model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, RUN_SPY_KEY, RunSpy())
+    return model
+
+
+class LastRunReport:
+    """The run report of the last sampling run of a model carrying a ``RunSpy``: the record's fields, and the
+    message the TACA Patch Model node published."""
+
+    def __init__(self, model):
+        (self._spy,) = model.get_wrappers(WrappersMP.OUTER_SAMPLE, RUN_SPY_KEY)
+        (self._node,) = model.get_wrappers(WrappersMP.OUTER_SAMPLE, hooks.WRAPPER_KEY)
+
+    @property
+    def record(self):
+        assert self._spy.state is not None and self._spy.state.report is not None, "no sampling run recorded yet"
+        return self._spy.state.report
+
+    def __getattr__(self, name):
+        return getattr(self.record, name)
+
+    def as_message(self):
+        return taca_report.as_message(self.record, self._node.settings, self._node.node_id)
+
+
+def run_report(model) -> LastRunReport:
+    return LastRunReport(model)
+
+
 def taca(pack_nodes, model, gamma: float = GAMMA, threshold: float = THRESHOLD, mode: str = "exact"):
-    """``model`` patched by the TACA Patch Model node, as a workflow would run it."""
-    return pack_nodes["TACAPatchModel"].execute(model=model, gamma=gamma, threshold_sigma=threshold,
-                                                mode=mode).result[0]
+    """``model`` patched by the TACA Patch Model node, as a workflow would run it (with a ``RunSpy``)."""
+    return with_run_spy(pack_nodes["TACAPatchModel"].execute(model=model, gamma=gamma, threshold_sigma=threshold,
+                                                             mode=mode).result[0])
 
 
 def advanced(pack_nodes, model, gamma: float = GAMMA, sigma_start: float = 1.0, sigma_end: float = THRESHOLD,
              ramp: str = "constant", blocks: str = "", target_share: float = 0.0, mode: str = "exact"):
-    """``model`` patched by the TACA Patch Model (Advanced) node (defaults: the node's)."""
-    return pack_nodes["TACAPatchModelAdvanced"].execute(
+    """``model`` patched by the TACA Patch Model (Advanced) node (defaults: the node's; with a ``RunSpy``)."""
+    return with_run_spy(pack_nodes["TACAPatchModelAdvanced"].execute(
         model=model, gamma=gamma, sigma_start=sigma_start, sigma_end=sigma_end, ramp=ramp, blocks=blocks,
-        target_share=target_share, mode=mode).result[0]
+        target_share=target_share, mode=mode).result[0])
 
 
 def with_override(patcher, override: Callable):

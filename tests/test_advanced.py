@@ -19,12 +19,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from comfy.patcher_extension import WrappersMP
 
 from devtools import tiny_models as tm
 from devtools.sampling import ksample, schedule
-from harness import ReferenceTacaAttention, advanced, installed_override, rel_diff, taca, with_override
-from taca import patch
+from harness import ReferenceTacaAttention, advanced, installed_override, rel_diff, run_report, taca, with_override
+from taca import hooks
+from taca.joint_call import parse_joint_call
 from taca.attention import JointLayout
 from taca.settings import TacaSettings
 
@@ -118,11 +118,6 @@ class GammaSpy:
         return out
 
 
-def apply_model_wrapper(model):
-    (wrapper,) = model.get_wrappers(WrappersMP.APPLY_MODEL, patch.WRAPPER_KEY)
-    return wrapper
-
-
 # ------------------------------------------------------------------------------------------ window, ramp, blocks
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
@@ -153,7 +148,7 @@ def test_window_ramp_and_blocks_give_each_joint_call_its_gamma(pack_nodes, kind,
         assert len(ramped) == len(inside) and ramped[-1] < gamma
 
     # the run report names what each setting did
-    report = apply_model_wrapper(patched).report.as_message()
+    report = run_report(patched).as_message()
     acting = [i for i, s in enumerate(sigmas) if expected_gamma(s, gamma, start, end, ramp) != 1.0]
     assert report["acted_steps"] == acting
     assert (report["sigma_start"], report["sigma_end"], report["ramp"], report["blocks"]) == (start, end, ramp,
@@ -195,7 +190,7 @@ def test_blocks_beyond_the_model_are_named_in_the_report(pack_nodes, caplog):
     model = advanced(pack_nodes, tiny.patcher, blocks="1,3-9")
     with caplog.at_level(logging.INFO, logger="comfyui-taca"):
         ksample(model, tiny, steps=STEPS)
-    report = apply_model_wrapper(model).report.as_message()
+    report = run_report(model).as_message()
     assert report["acted_blocks"] == [1, 3] and report["blocks_beyond"] == [4, 5, 6, 7, 8, 9]
     warning = "blocks 4-9 name joint attention calls this model does not make: it makes 4 per model call"
     assert report["blocks_warning"].startswith(warning) and report["warning"] is None
@@ -205,7 +200,7 @@ def test_blocks_beyond_the_model_are_named_in_the_report(pack_nodes, caplog):
 
     none = advanced(pack_nodes, tiny.patcher, blocks="60-70")
     ksample(none, tiny, steps=STEPS)
-    report = apply_model_wrapper(none).report.as_message()
+    report = run_report(none).as_message()
     assert report["acted_blocks"] == []
     assert report["warning"].startswith("TACA never acted: blocks 60-70 name joint attention calls this model does "
                                         "not make: it makes 4 per model call")
@@ -265,7 +260,7 @@ def check_chosen(chosen: float, q_visual, k, text, target: float, gamma_max: flo
 
 @pytest.mark.parametrize("seed", range(6))
 def test_adaptive_gamma_equals_a_brute_force_search_on_random_calls(seed):
-    """The joint call's gamma (``TacaAttentionOverride.call_gamma``) on random q, k, text span and mask."""
+    """The joint call's gamma (``CallContext.joint_gamma``) on random q, k, text span and mask."""
     g = torch.Generator().manual_seed(seed)
     b, h, n, d, n_text = 2, 2, 48, 8, 10
     q = torch.randn(b, h, n, d, generator=g) * (1.0 + seed * 0.4)
@@ -284,9 +279,9 @@ def test_adaptive_gamma_equals_a_brute_force_search_on_random_calls(seed):
     cases = set()
     for target in (at_one * 0.8, at_one + 0.05, at_one + 0.2, 0.97):
         settings = TacaSettings(gamma_max, 0.0, "exact", 1.0, "constant", (), min(target, 0.99))
-        override = patch.TacaAttentionOverride(settings, [span], None, gamma_max)
-        call = patch.parse_joint_call((q, k, v, h), {"mask": mask, "skip_reshape": True}, override.spans)
-        chosen = override.call_gamma(0, call)
+        context = hooks.CallContext.for_layouts(settings, [span], gamma_max)
+        call = parse_joint_call((q, k, v, h), {"mask": mask, "skip_reshape": True}, context.layouts)
+        chosen = context.joint_gamma(0, call)
         visual = [i for i in range(n) if not start <= i < start + n_text]
         cases.add(check_chosen(chosen, q[:, :, visual], k, (start, start + n_text), min(target, 0.99), gamma_max,
                                mask))
@@ -312,7 +307,7 @@ def test_adaptive_gamma_in_a_sampling_run(pack_nodes):
                        sigma_start=start, sigma_end=end, target_share=target)
     out = ksample(patched, tiny, steps=STEPS)
     seen = installed_override(patched).model_calls(per_call)
-    report = apply_model_wrapper(patched).report.as_message()
+    report = run_report(patched).as_message()
     chosen = {(round(e["sigma"], 6), i): g for e in report["step_gammas"] for i, g in enumerate(e["gammas"])}
     cases = []
     for sigma, calls in seen:

@@ -17,23 +17,16 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
 import comfy_extras.nodes_model_advanced as nodes_model_advanced
 import comfyui_version
-from comfy.patcher_extension import WrappersMP
 
 from devtools import tiny_models as tm
 from devtools.comfy_runtime import version_key
 from devtools.host_reads import TorchCallCounter
 from devtools.sampling import one_step
-from harness import GAMMA, ReferenceTacaAttention, rel_diff, taca, with_override
+from harness import GAMMA, ReferenceTacaAttention, rel_diff, run_report, taca, with_override
 from layouts import observe_joint_layout
-from taca.patch import WRAPPER_KEY
 
 TOLERANCE = 1e-4
 FLUX_JOINT_LAYERS = 4  # the tiny FLUX: 2 double + 2 single blocks
-
-
-def run_report(patcher):
-    (wrapper,) = patcher.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    return wrapper.report
 
 
 def counting_sdpa(fn, *args, **kwargs):

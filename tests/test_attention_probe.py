@@ -18,8 +18,8 @@ import comfy.patcher_extension
 from devtools import tiny_models as tm
 from devtools.sampling import sample_sigmas
 from harness import GAMMA, taca
-from taca import patch as taca_patch
-from taca import probe_patch
+from taca import hooks, probe_record
+from taca.joint_call import parse_joint_call
 from taca.attention import JointLayout
 from test_families import AVAILABLE, CASES, joint_layout, setup, step
 
@@ -68,7 +68,7 @@ class SpyWrapper:
         options = dict(transformer_options)
         calls: List[dict] = []
         self.model_calls.append((float(t.max()), calls))
-        options[taca_patch.OVERRIDE_KEY] = JointSpy(self.layouts, options.get(taca_patch.OVERRIDE_KEY), calls)
+        options[hooks.OVERRIDE_KEY] = JointSpy(self.layouts, options.get(hooks.OVERRIDE_KEY), calls)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
@@ -206,13 +206,13 @@ def test_the_subset_estimate_on_a_large_random_case():
     q[:, :, text:, 0] += 2.0 * ramp
     k[:, :, :text, 0] += 1.0
     span = JointLayout.text_first(text, text + visual)
-    call = taca_patch.parse_joint_call((q, k, k, heads), {"skip_reshape": True, "skip_output_reshape": True},
-                                       {span.length: span})
-    recorder = probe_patch.ProbeRecorder("all_steps", 1024)
-    recorder.begin(1.0, (batch, 16, 128, 128))
-    recorder.joint_call(call, GAMMA)
-    recorder.end(True)
-    data = recorder.as_json()
+    call = parse_joint_call((q, k, k, heads), {"skip_reshape": True, "skip_output_reshape": True},
+                            {span.length: span})
+    run = probe_record.ProbeRun(probe_record.ProbeSettings("all_steps", 1024))
+    sink = run.begin(1.0, (0, 1), (batch, 16, 128, 128))
+    sink.joint_call(call, GAMMA)
+    run.end(sink, True)
+    data = run.as_json()
     shares = {"share_plain": [], "share_taca": []}
     rows = []
     for first in range(0, visual, 512):  # the full softmax, 512 image rows at a time
@@ -337,8 +337,8 @@ def test_bad_inputs_are_refused(pack_nodes):
 
 
 def test_token_grid():
-    assert probe_patch.token_grid((1, 16, 16, 16), 64) == (8, 8, 64)
-    assert probe_patch.token_grid((1, 16, 3, 8, 8), 48) == (4, 4, 48)  # 3 frames, averaged
-    assert probe_patch.token_grid((1, 16, 16, 16), 88) == (8, 8, 64)  # a reference after the image
-    assert probe_patch.token_grid((1, 3, 128, 96), 13) == (4, 3, 12)  # pixels in 32 x 32 patches
-    assert probe_patch.token_grid((), 10) == (1, 10, 10)  # no single latent shape: the tokens in a row
+    assert probe_record.token_grid((1, 16, 16, 16), 64) == (8, 8, 64)
+    assert probe_record.token_grid((1, 16, 3, 8, 8), 48) == (4, 4, 48)  # 3 frames, averaged
+    assert probe_record.token_grid((1, 16, 16, 16), 88) == (8, 8, 64)  # a reference after the image
+    assert probe_record.token_grid((1, 3, 128, 96), 13) == (4, 3, 12)  # pixels in 32 x 32 patches
+    assert probe_record.token_grid((), 10) == (1, 10, 10)  # no single latent shape: the tokens in a row

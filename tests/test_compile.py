@@ -3,20 +3,13 @@
 import pytest
 import torch
 
-from comfy.patcher_extension import WrappersMP
 from comfy_extras.nodes_torch_compile import TorchCompileModel
 
 from devtools import tiny_models as tm
 from devtools.sampling import one_step, sample_sigmas
-from harness import rel_diff
-from taca.patch import WRAPPER_KEY
+from harness import rel_diff, run_report, with_run_spy
 
 FLUX_JOINT_LAYERS = 4  # the tiny FLUX: 2 double + 2 single blocks, each one joint attention call
-
-
-def run_report(patcher):
-    (wrapper,) = patcher.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    return wrapper.report
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +17,8 @@ def compiled_case(pack_nodes):
     """One tiny FLUX, patched and compiled once for the module (compiling costs minutes on a CPU)."""
     tiny = tm.build("flux")
     pos, neg, latent = tm.conditioning(tiny, 1), tm.conditioning(tiny, 2), tm.latent(tiny)
-    taca = pack_nodes["TACAPatchModel"].execute(model=tiny.patcher, gamma=1.2, threshold_sigma=0.97,
-                                                mode="exact").result[0]
+    taca = with_run_spy(pack_nodes["TACAPatchModel"].execute(model=tiny.patcher, gamma=1.2, threshold_sigma=0.97,
+                                                             mode="exact").result[0])
     compiled = TorchCompileModel.execute(model=taca, backend="inductor").result[0]
     return tiny, pos, neg, latent, taca, compiled
 

@@ -4,6 +4,7 @@ import inspect
 import logging
 import os
 import pickle
+import sys
 import threading
 
 import pytest
@@ -307,7 +308,8 @@ def test_model_patcher_dynamic_on_a_cpu_load_device_is_the_plain_model_patcher()
 
 def test_the_gate_is_per_thread(pack_nodes, lora_dir):
     """ComfyUI 0.33's multi-GPU sampling runs each device's model call in its own thread, all through one
-    wrapper and one gate: a call finishing on one device must not close the gate for another."""
+    wrapper and one gate: the gate reads the model call under way in its own thread, so a call on one device
+    never opens or closes it for another."""
     tiny = tm.build("flux")
     name = save(lora_dir, "flux_threads.safetensors", lora_files.make_lora(tiny, "diffusers", 16))
     model = taca_lora(pack_nodes, taca(pack_nodes, tiny.patcher), name)
@@ -315,10 +317,16 @@ def test_the_gate_is_per_thread(pack_nodes, lora_dir):
     gates = {p.gate for p in model.object_patches.values() if type(p).__name__ == "LowRankForward"}
     assert len(gates) == 1
     gate = gates.pop()
+    pack_hooks = sys.modules[type(gate).__module__].hooks
+    settings = model.model_options["transformer_options"]["taca"]
     seen = []
-    gate.active = True
-    other = threading.Thread(target=lambda: seen.append(gate.active))
-    other.start()
-    other.join()
-    assert gate.active and seen == [False]
-    gate.active = False
+    assert not gate.active  # no model call under way
+    token = pack_hooks._current_call.set(pack_hooks.CallContext(1.0, 1.0, settings, settings.gamma, {}))
+    try:
+        other = threading.Thread(target=lambda: seen.append(gate.active))
+        other.start()
+        other.join()
+        assert gate.active and seen == [False]
+    finally:
+        pack_hooks._current_call.reset(token)
+    assert not gate.active

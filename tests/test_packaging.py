@@ -62,7 +62,7 @@ def test_requirements_install_nothing_new():
 
 def test_core_modules_import_without_comfyui():
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "import taca.attention, taca.families, taca.patch\n"
+            "import taca.attention, taca.families, taca.hooks, taca.kernels, taca.lora, taca.probe_record\n"
             "assert not any(m == 'comfy' or m.startswith('comfy.') or m.startswith('comfy_') for m in sys.modules), "
             "sorted(m for m in sys.modules if m.startswith('comfy'))\n"
             "print('ok')" % REPO)

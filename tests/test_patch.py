@@ -14,7 +14,7 @@ import comfyui_version
 from devtools.comfy_runtime import version_key
 from reference import max_row_rel_err, taca_reference
 from taca.attention import JointLayout
-from taca.patch import OVERRIDE_KEY, TacaAttentionOverride, passthrough_attention
+from taca.hooks import OVERRIDE_KEY, CallContext, JointAttentionOverride, passthrough_attention
 from taca.settings import TacaSettings
 
 COMFYUI_VERSION = comfyui_version.__version__
@@ -24,8 +24,13 @@ HEADS, DIM, TEXT, VISUAL = 3, 16, 7, 25
 SPAN = JointLayout.text_first(TEXT, TEXT + VISUAL)
 
 
+def taca_override(settings, layouts, previous=None):
+    """TACA's override of one model call inside its window, on a call of ``layouts``."""
+    return JointAttentionOverride(CallContext.for_layouts(settings, layouts), previous)
+
+
 def override(mode):
-    return TacaAttentionOverride(TacaSettings(GAMMA, 0.97, mode), [SPAN], None)
+    return taca_override(TacaSettings(GAMMA, 0.97, mode), [SPAN])
 
 
 def inputs(seed=0, batch=2):
@@ -168,7 +173,7 @@ def test_enable_gqa_and_scale_on_comfy_attention_functions(name, mode, keywords,
     k_before = k.clone()
     taca = override(mode)
     out = call_comfy(func, q, k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
-    assert taca.joint_calls == 1 and taca.other_calls == 0  # wrap_attn handed the call to TACA
+    assert taca.context.joint_calls == 1 and taca.context.other_calls == 0  # wrap_attn handed the call to TACA
     assert torch.equal(k, k_before)
     ref = taca_reference(q, k, v, SPAN.start, SPAN.stop, GAMMA, visual_rows_only_text_scaling=(mode != "selective"),
                          scale=kwargs.get("scale"))
@@ -218,15 +223,15 @@ def test_a_call_of_the_visual_rows_alone_is_eq10_in_one_kernel_call(mode, skip_r
         kernel_calls.append(args[0].shape)
         return kernel(*args, **kw)
 
-    taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, mode), [JointLayout.text_first(TEXT, TEXT + VISUAL, visual_queries_only=True)],
-                                 counting)
+    taca = taca_override(TacaSettings(GAMMA, 0.97, mode),
+                         [JointLayout.text_first(TEXT, TEXT + VISUAL, visual_queries_only=True)], counting)
     out = call_comfy(func, q[:, :, TEXT:], k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
-    assert taca.joint_calls == 1 and taca.other_calls == 0
+    assert taca.context.joint_calls == 1 and taca.context.other_calls == 0
     assert len(kernel_calls) == (0 if mode == "flex" else 1)
     assert torch.equal(k, k_before)
     check_rows(out, taca_reference(q, k, v, 0, TEXT, GAMMA)[:, :, TEXT:])
     whole = call_comfy(func, q, k, v, skip_reshape, {OVERRIDE_KEY: taca}, kwargs)
-    assert taca.joint_calls == 1 and taca.other_calls == 1
+    assert taca.context.joint_calls == 1 and taca.context.other_calls == 1
     assert torch.equal(whole, call_comfy(func, q, k, v, skip_reshape, {}, kwargs))
 
 
@@ -259,7 +264,7 @@ def test_tensor_containers_reach_the_override_as_tensors(mode):
     taca = override(mode)
     out = comfy_attention.optimized_attention(*boxes, HEADS, skip_reshape=True, skip_output_reshape=True,
                                               transformer_options={OVERRIDE_KEY: taca})
-    assert taca.joint_calls == 1
+    assert taca.context.joint_calls == 1
     assert all(box.tensor is None for box in boxes)  # consumed, as a container kernel would
     check_rows(out, expected(q, k, v, mode))
     boxes = [container(t) for t in (q, k, v)]
@@ -279,7 +284,7 @@ def test_flex_honours_attn_precision_float32():
     span = JointLayout.text_first(16, 96)
     ref = taca_reference(q, k, v, 0, 16, GAMMA)
     rounding = max_row_rel_err(ref.bfloat16(), ref)
-    taca = TacaAttentionOverride(TacaSettings(GAMMA, 0.97, "flex"), [span], None)
+    taca = taca_override(TacaSettings(GAMMA, 0.97, "flex"), [span])
     errors = {}
     for precision in (None, torch.float32):
         out = taca(comfy_attention.optimized_attention, q, k, v, HEADS, attn_precision=precision, skip_reshape=True,

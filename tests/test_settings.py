@@ -14,9 +14,9 @@ from comfy.patcher_extension import WrappersMP
 from devtools import lora_files
 from devtools import tiny_models as tm
 from devtools.sampling import ksample, schedule
-from harness import taca
+from harness import run_report, taca
 from reference import max_row_rel_err, taca_reference
-from taca import patch, settings as taca_settings
+from taca import hooks, kernels, settings as taca_settings
 from taca.attention import JointLayout
 from taca.settings import TacaSettings
 from test_lora import lora_dir, save  # noqa: F401  (the LoRA folder fixture and writer)
@@ -85,28 +85,24 @@ def test_a_clone_shares_the_nodes_hooks_and_its_run_fills_the_nodes_report(pack_
                                                  active_during="taca_steps").result[0]
     clone = model.clone().clone()
     lora = pack_module(pack_nodes, "TACALoraLoader", "taca_lora")
-    for key in (patch.WRAPPER_KEY, lora.GATE_WRAPPER_KEY):
-        assert clone.get_wrappers(WrappersMP.APPLY_MODEL, key) == model.get_wrappers(WrappersMP.APPLY_MODEL, key)
-        assert all(a is b for a, b in zip(clone.get_wrappers(WrappersMP.APPLY_MODEL, key),
-                                          model.get_wrappers(WrappersMP.APPLY_MODEL, key)))
+    for kind in (WrappersMP.APPLY_MODEL, WrappersMP.OUTER_SAMPLE):
+        assert clone.get_wrappers(kind, hooks.WRAPPER_KEY) and all(
+            a is b for a, b in zip(clone.get_wrappers(kind, hooks.WRAPPER_KEY), model.get_wrappers(kind, hooks.WRAPPER_KEY)))
     layer_patches = [p for p in model.object_patches.values() if isinstance(p, lora.LowRankForward)]
     assert layer_patches and all(clone.object_patches[n] is p for n, p in model.object_patches.items())
     assert copy.deepcopy(clone.model_options) == clone.model_options  # plain data, copies as such
-    (wrapper,) = model.get_wrappers(WrappersMP.APPLY_MODEL, patch.WRAPPER_KEY)
-    (sample_wrapper,) = clone.get_wrappers(WrappersMP.OUTER_SAMPLE, patch.WRAPPER_KEY)
-    assert sample_wrapper.report is wrapper.report
     with caplog.at_level(logging.INFO, logger="comfyui-taca"):
         ksample(clone, tiny, steps=4)
     expected_steps = [i for i, s in enumerate(schedule(tiny.patcher, 4)[:-1].tolist()) if s >= 0.97]
-    assert expected_steps and wrapper.report.model_calls == 4 and wrapper.report.acted_steps == expected_steps
+    assert expected_steps and run_report(clone).model_calls == 4 and run_report(clone).acted_steps == expected_steps
 
 
 @pytest.fixture
 def fresh_flex_kernel(monkeypatch):
     """The process-wide flex compilation state, restored after the test."""
-    monkeypatch.setattr(patch._FlexKernel, "compiled", None)
-    monkeypatch.setattr(patch._FlexKernel, "compile_failed", False)
-    return patch._FlexKernel
+    monkeypatch.setattr(kernels.FlexKernel, "compiled", None)
+    monkeypatch.setattr(kernels.FlexKernel, "compile_failed", False)
+    return kernels.FlexKernel
 
 
 def flex_inputs():
@@ -118,7 +114,7 @@ def test_a_bad_mask_in_flex_propagates_and_keeps_compilation_on(fresh_flex_kerne
     q, k, v = flex_inputs()
     with pytest.raises(RuntimeError) as err:
         fresh_flex_kernel.run(q, k, v, torch.zeros(5, 7), JointLayout.text_first(6, 24), 1.2)
-    assert not isinstance(err.value, patch.compile_errors())
+    assert not isinstance(err.value, kernels.compile_errors())
     assert not fresh_flex_kernel.compile_failed
 
 
@@ -127,7 +123,7 @@ def test_out_of_memory_in_the_compiled_call_propagates_and_keeps_compilation_on(
         raise torch.OutOfMemoryError("out of memory")
 
     fresh_flex_kernel.run(*flex_inputs(), None, JointLayout.text_first(6, 24), 1.2)  # compiles
-    monkeypatch.setattr(patch._FlexKernel, "compiled", out_of_memory)
+    monkeypatch.setattr(kernels.FlexKernel, "compiled", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         fresh_flex_kernel.run(*flex_inputs(), None, JointLayout.text_first(6, 24), 1.2)
     assert not fresh_flex_kernel.compile_failed
@@ -142,7 +138,7 @@ def test_a_compiler_failure_falls_back_to_eager_flex(fresh_flex_kernel, monkeypa
         raise RuntimeError("no working C++ compiler")
 
     torch._dynamo.reset()
-    monkeypatch.setattr(patch._FlexKernel, "compiled", torch.compile(flex_attention, backend=broken_backend,
+    monkeypatch.setattr(kernels.FlexKernel, "compiled", torch.compile(flex_attention, backend=broken_backend,
                                                                       dynamic=False))
     q, k, v = flex_inputs()
     try:
