@@ -9,25 +9,28 @@
 // CogVideoX; the report's sample_positions) is >= threshold_sigma.
 //
 // After every sampling run the server sends the websocket event "comfyui-taca.report" for each TACA
-// Patch Model node (taca/report.py). The node shows what TACA did in that run, and the run's warning
-// (for example "TACA never acted: the run started at sigma 0.866 ...") in a warning colour.
+// Patch Model node (taca/report.py). The node shows the report's `summary`, the line the server logs,
+// as it is: what TACA did in that run, or the run's warning (for example "TACA never acted: the run
+// started at sigma 0.866 ...") in a warning colour.
 //
 // The plot is a DOM widget (node.addDOMWidget) holding its own <canvas>, so it looks and updates the
 // same in the classic LiteGraph canvas and in the Vue node renderer ("Nodes 2.0"): the frontend only
 // places the element; this file paints it, from one function (refresh), whenever what it shows
-// changes. The strings the server sends are only ever drawn with fillText, never parsed as HTML.
-// What was last drawn is kept in `node.tacaPlot` (bar coordinates in CSS pixels of the plot's
-// canvas, `node.tacaCanvas`) and the run feedback in `node.tacaFeedback`, for tests and other
-// extensions.
+// changes. The strings the server sends are only ever drawn with fillText, never parsed as HTML; the
+// canvas's text alternative (its aria-label, for screen readers) holds the same lines.
 //
-// "TACA Patch Model (Advanced)" gets the same plot and feedback: each bar's height is the step's gamma
+// "TACA Patch Model (Advanced)" gets the same plot and report: each bar's height is the step's gamma
 // under its window (sigma_end <= position <= sigma_start) and ramp (constant, or linear / cosine from
 // gamma at sigma_start to 1 at sigma_end), the label names the window and ramp, and after a run the
-// feedback also names the blocks acted on of the model's joint calls per model call, any blocks beyond
-// them (in the warning colour), and the gammas of each acting step (their range when adaptive).
+// server's summary also names the blocks acted on and the gammas of each step; blocks beyond the
+// model are repeated on their own line in the warning colour.
+//
+// The rules computed here while a widget changes (the window and ramp, the nominal sigmas, the runs of
+// step numbers) are in taca_rules.js, tested against the Python they mirror.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { GAMMA_OFF, NOMINAL_STEPS, formatBlocks, gammaAt, nominalSigmas } from "./taca_rules.js";
 
 const EXTENSION_NAME = "comfyui-taca.schedule";
 const NODE_TYPE = "TACAPatchModel";
@@ -39,8 +42,6 @@ const PLOT_WIDGETS = { [NODE_TYPE]: ["gamma", "threshold_sigma"],
   [ADVANCED_TYPE]: ["gamma", "sigma_start", "sigma_end", "ramp"] };
 const REPORT_EVENT = "comfyui-taca.report";
 const WIDGET_NAME = "taca_schedule";
-const NOMINAL_STEPS = 30;
-const NOMINAL_SHIFT = 3.0;
 
 const COLORS = {
   active: "#f0a73a", // steps where TACA acts (bar height gamma)
@@ -58,43 +59,15 @@ const LINE = 14;
 const PAD = 6;
 const BARS_HEIGHT = 32;
 
-// ----------------------------------------------------------------------------------- pure helpers
+// Each TACA node's plot: its element and canvas, what was last painted, the node's last run report.
+const views = new WeakMap();
 
-/** sigma of an SD3-style flow model (ModelSamplingDiscreteFlow) at time t in (0, 1]. */
-function flowSigma(t, shift = NOMINAL_SHIFT) {
-  return (shift * t) / (1 + (shift - 1) * t);
-}
-
-/** ComfyUI's `simple` scheduler over a flow model with 1000 timesteps: steps sigmas, then 0. */
-function nominalSigmas(steps = NOMINAL_STEPS, shift = NOMINAL_SHIFT) {
-  const stride = 1000 / steps; // same float arithmetic as comfy.samplers.simple_scheduler
-  const sigmas = [];
-  for (let i = 0; i < steps; i++) {
-    sigmas.push(flowSigma((1000 - Math.floor(i * stride)) / 1000, shift));
-  }
-  sigmas.push(0);
-  return sigmas;
-}
+// ----------------------------------------------------------------------------------- what is shown
 
 /** "1.2", "1.25", "0.97": at most 3 decimals, no trailing zeros. */
 function fmt(x) {
   if (typeof x !== "number" || !Number.isFinite(x)) return String(x);
   return String(Number(x.toFixed(3)));
-}
-
-/** Runs of consecutive integers; runs at least `minRun` long are written "a-b". */
-function formatSteps(steps, minRun = 2) {
-  const sorted = [...steps].sort((a, b) => a - b);
-  const parts = [];
-  let i = 0;
-  while (i < sorted.length) {
-    let j = i;
-    while (j + 1 < sorted.length && sorted[j + 1] === sorted[j] + 1) j++;
-    if (j - i + 1 >= minRun && j > i) parts.push(`${sorted[i]}-${sorted[j]}`);
-    else for (let k = i; k <= j; k++) parts.push(String(sorted[k]));
-    i = j + 1;
-  }
-  return parts.join(", ");
 }
 
 // The node's input defaults, from its definition (the server's object_info), for a widget without a number yet.
@@ -111,28 +84,22 @@ function widgetText(node, name) {
   return w && typeof w.value === "string" ? w.value : inputDefaults[name];
 }
 
-/** The Advanced node's window and ramp ({start, ramp}), or null for the simple node. */
-function nodeSchedule(node) {
-  if (node.comfyClass !== ADVANCED_TYPE) return null;
-  return { start: widgetValue(node, "sigma_start"), ramp: widgetText(node, "ramp") ?? "constant" };
-}
-
-/** The step's gamma at `position` (taca/settings.py TacaSettings.gamma_at): 1 outside the window. */
-function gammaAt(position, gamma, threshold, schedule) {
-  if (gamma === 1 || position < threshold) return 1;
-  if (!schedule) return gamma;
-  if (position > schedule.start) return 1;
-  if (schedule.ramp === "constant" || schedule.start <= threshold) return gamma;
-  let weight = (position - threshold) / (schedule.start - threshold);
-  if (schedule.ramp === "cosine") weight = 0.5 - 0.5 * Math.cos(Math.PI * weight);
-  return 1 + (gamma - 1) * weight;
+/** The node's settings as taca_rules.gammaAt takes them (no upper end and a constant ramp on the simple node). */
+function nodeSettings(node) {
+  const advanced = node.comfyClass === ADVANCED_TYPE;
+  return {
+    gamma: widgetValue(node, "gamma"),
+    sigmaEnd: widgetValue(node, THRESHOLD_WIDGET[node.comfyClass] ?? THRESHOLD_WIDGET[NODE_TYPE]),
+    sigmaStart: advanced ? widgetValue(node, "sigma_start") : null,
+    ramp: advanced ? widgetText(node, "ramp") ?? "constant" : "constant",
+  };
 }
 
 /**
- * What the schedule plot shows for these settings: one entry per step.
+ * What the schedule plot shows for these settings: one bar height per step, and its label.
  * `report` is the last "comfyui-taca.report" for the node, or null.
  */
-function computePlot(gamma, threshold, report, schedule = null) {
+function computePlot(settings, report) {
   const fromRun = !!(report && Array.isArray(report.sample_sigmas) && report.sample_sigmas.length >= 2);
   const sigmas = fromRun ? report.sample_sigmas.map(Number) : nominalSigmas();
   // What the threshold is compared with: the sigma on flow models, t/1000 on discrete-time ones (the run says).
@@ -140,70 +107,42 @@ function computePlot(gamma, threshold, report, schedule = null) {
     ? report.sample_positions.map(Number) : sigmas;
   const scale = fromRun && report.time_scale ? String(report.time_scale) : "sigma";
   const steps = sigmas.length - 1;
-  const active = [];
-  // gamma 1 is the unpatched model: TACA acts on no step
-  const heights = [];
-  for (let i = 0; i < steps; i++) {
-    const g = gammaAt(positions[i], gamma, threshold, schedule);
-    heights.push(g);
-    active.push(g !== 1);
-  }
+  const heights = positions.slice(0, steps).map((p) => gammaAt(settings, p));
+  const active = heights.map((g) => g !== GAMMA_OFF);
   const activeSteps = active.flatMap((a, i) => (a ? [i] : []));
-  const source = fromRun ? "last run" : "nominal";
-  const sourceText = fromRun ? "from last run" : `nominal ${NOMINAL_STEPS}-step schedule`;
+  const { gamma, sigmaEnd, sigmaStart, ramp } = settings;
+  const source = fromRun ? "from last run" : `nominal ${NOMINAL_STEPS}-step schedule`;
+  const stepsText = formatBlocks(activeSteps);
   let label;
-  if (gamma === 1) label = `gamma 1: TACA off (${sourceText})`;
-  else if (activeSteps.length === 0) label = `gamma ${fmt(gamma)} on no step of ${steps}: no ${scale} >= ${fmt(threshold)} (${sourceText})`;
-  else label = `gamma ${fmt(gamma)} on steps ${formatSteps(activeSteps)} of ${steps} (${sourceText})`;
-  if (schedule && gamma !== 1) {
-    const ramped = schedule.ramp !== "constant" ? `${fmt(gamma)}→1 (${schedule.ramp})` : fmt(gamma);
-    const window = `window ${scale} ${fmt(threshold)}-${fmt(schedule.start)}`;
+  if (gamma === GAMMA_OFF) {
+    label = `gamma 1: TACA off (${source})`;
+  } else if (sigmaStart === null) {
     label = activeSteps.length
-      ? `gamma ${ramped} on steps ${formatSteps(activeSteps)} of ${steps}, ${window} (${sourceText})`
-      : `gamma ${ramped} on no step of ${steps}: no ${scale} in ${window} (${sourceText})`;
+      ? `gamma ${fmt(gamma)} on steps ${stepsText} of ${steps} (${source})`
+      : `gamma ${fmt(gamma)} on no step of ${steps}: no ${scale} >= ${fmt(sigmaEnd)} (${source})`;
+  } else {
+    const ramped = ramp !== "constant" ? `${fmt(gamma)}→1 (${ramp})` : fmt(gamma);
+    const window = `window ${scale} ${fmt(sigmaEnd)}-${fmt(sigmaStart)}`;
+    label = activeSteps.length
+      ? `gamma ${ramped} on steps ${stepsText} of ${steps}, ${window} (${source})`
+      : `gamma ${ramped} on no step of ${steps}: no ${scale} in ${window} (${source})`;
   }
-  return { sigmas, active, heights, activeSteps, steps, gamma, threshold, source, label, bars: [],
-           sigmaStart: schedule ? schedule.start : null, ramp: schedule ? schedule.ramp : null };
+  return { heights, active, steps, gamma, label, anyActive: activeSteps.length > 0 };
 }
 
-/** The text lines for the last run report, or null before any run. */
-function computeFeedback(report, advanced = false) {
-  if (!report) return null;
-  const steps = Array.isArray(report.acted_steps) ? report.acted_steps.map(Number) : [];
-  const total = Number(report.steps_total);
-  const calls = Number(report.attention_calls) || 0;
-  const warning = report.warning == null ? null : String(report.warning);
-  // with a warning, the warning alone says what happened (it starts "TACA never acted: ...")
-  let text = null;
-  if (steps.length) text = `TACA acted on steps ${formatSteps(steps, 4)} of ${total} · ${calls} attention call${calls === 1 ? "" : "s"}`;
-  else if (!warning) text = `TACA did not act in the last run (${total} steps)`;
-  const feedback = { text, warning, acted_steps: steps, steps_total: total, attention_calls: calls, details: [],
-                     blocksWarning: null };
-  if (advanced) addAdvancedFeedback(feedback, report);
-  return feedback;
-}
-
-/** What the Advanced settings did (taca/report.py): blocks, blocks beyond the model, the gammas per step. */
-function addAdvancedFeedback(feedback, report) {
-  const perCall = report.joint_calls_per_model_call;
-  const acted = Array.isArray(report.acted_blocks) ? report.acted_blocks.map(Number) : [];
-  if (report.blocks && perCall != null) {
-    feedback.details.push(`blocks ${report.blocks}: acted on ${formatSteps(acted) || "none"} of ${perCall} joint calls per model call`);
-  } else if (perCall != null) {
-    feedback.details.push(`all ${perCall} joint calls per model call`);
+/** The run report's lines and their colours: the server's summary as it is, the blocks warning on its own. */
+function reportLines(report) {
+  if (!report) return [];
+  const warning = report.warning != null;
+  const summary = report.summary ?? report.warning;
+  const lines = [];
+  if (summary != null) {
+    lines.push(warning ? { text: `⚠ ${summary}`, color: COLORS.warning } : { text: String(summary), color: COLORS.ok });
   }
-  if (report.blocks_warning != null && report.warning == null) feedback.blocksWarning = String(report.blocks_warning);
-  const entries = Array.isArray(report.step_gammas) ? report.step_gammas : [];
-  const perStep = entries.filter((e) => e.min != null).map((e) => {
-    const where = e.step == null ? `sigma ${fmt(Number(e.sigma))}` : String(e.step);
-    const range = e.min === e.max ? fmt(Number(e.min)) : `${fmt(Number(e.min))}-${fmt(Number(e.max))}`;
-    return `${where}: ${range}`;
-  });
-  const adaptive = Number(report.target_share) > 0;
-  if (perStep.length) {
-    feedback.details.push(`gamma per step${adaptive ? ` (adaptive, share ${fmt(Number(report.target_share))})` : ""}: ${perStep.join(", ")}`);
+  if (!warning && report.blocks_warning != null) {
+    lines.push({ text: `⚠ ${report.blocks_warning}`, color: COLORS.warning });
   }
-  feedback.stepGammas = entries.map((e) => ({ step: e.step, min: e.min, max: e.max, mean: e.mean }));
+  return lines;
 }
 
 // ----------------------------------------------------------------------------------- drawing
@@ -244,25 +183,13 @@ function wrapText(ctx, text, maxWidth) {
 function layout(node, width) {
   const ctx = measurer();
   const inner = Math.max(40, width - 2 * PAD);
-  const plot = computePlot(widgetValue(node, "gamma"), widgetValue(node, THRESHOLD_WIDGET[node.comfyClass] ?? "threshold_sigma"),
-    node.tacaReport ?? null, nodeSchedule(node));
+  const report = views.get(node)?.report ?? null;
+  const plot = computePlot(nodeSettings(node), report);
   const labelLines = wrapText(ctx, plot.label, inner);
-  const feedback = computeFeedback(node.tacaReport ?? null, node.comfyClass === ADVANCED_TYPE);
-  const feedbackLines = [];
-  if (feedback) {
-    if (feedback.text) {
-      for (const l of wrapText(ctx, feedback.text, inner)) feedbackLines.push({ text: l, color: COLORS.ok });
-    }
-    for (const detail of feedback.details ?? []) {
-      for (const l of wrapText(ctx, detail, inner)) feedbackLines.push({ text: l, color: COLORS.label });
-    }
-    for (const warning of [feedback.warning, feedback.blocksWarning]) {
-      if (warning == null) continue;
-      for (const l of wrapText(ctx, `⚠ ${warning}`, inner)) feedbackLines.push({ text: l, color: COLORS.warning });
-    }
-  }
+  const texts = reportLines(report);
+  const feedbackLines = texts.flatMap(({ text, color }) => wrapText(ctx, text, inner).map((l) => ({ text: l, color })));
   const height = PAD + labelLines.length * LINE + 4 + BARS_HEIGHT + 4 + feedbackLines.length * LINE + PAD;
-  return { plot, labelLines, feedback, feedbackLines, height, width };
+  return { plot, labelLines, feedbackLines, text: [plot.label, ...texts.map((t) => t.text)].join("\n"), height, width };
 }
 
 function drawSchedule(ctx, lay) {
@@ -279,7 +206,7 @@ function drawSchedule(ctx, lay) {
   ctx.textAlign = "left";
   ctx.textBaseline = "alphabetic";
   let ty = PAD;
-  ctx.fillStyle = plot.activeSteps.length && plot.gamma !== 1 ? COLORS.label : COLORS.muted;
+  ctx.fillStyle = plot.anyActive && plot.gamma !== GAMMA_OFF ? COLORS.label : COLORS.muted;
   for (const line of lay.labelLines) {
     ctx.fillText(line, PAD, ty + LINE - 4);
     ty += LINE;
@@ -295,11 +222,8 @@ function drawSchedule(ctx, lay) {
   const gap = slot > 4 ? 1 : 0;
   for (let i = 0; i < plot.steps; i++) {
     const h = Math.max(1, (plot.heights[i] / top) * (BARS_HEIGHT - 2));
-    const bx = barsX + i * slot;
-    const bar = { x: bx, y: base - h, w: Math.max(1, slot - gap), h, active: plot.active[i], height: plot.heights[i] };
-    ctx.fillStyle = bar.active ? COLORS.active : COLORS.inactive;
-    ctx.fillRect(bar.x, bar.y, bar.w, bar.h);
-    plot.bars.push(bar);
+    ctx.fillStyle = plot.active[i] ? COLORS.active : COLORS.inactive;
+    ctx.fillRect(barsX + i * slot, base - h, Math.max(1, slot - gap), h);
   }
   // the untouched level (gamma = 1), for reference
   const unitY = base - (1 / top) * (BARS_HEIGHT - 2);
@@ -327,11 +251,8 @@ function drawSchedule(ctx, lay) {
 const TITLE_WARNING = "⚠ TACA never acted";
 
 function drawTitleWarning(ctx, node) {
-  const warning = node.tacaReport?.warning;
-  if (warning == null || node.flags?.collapsed) {
-    node.tacaTitleWarning = null;
-    return;
-  }
+  const warning = views.get(node)?.report?.warning;
+  if (warning == null || node.flags?.collapsed) return;
   const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
   ctx.save();
   ctx.font = "bold 12px Arial, sans-serif";
@@ -343,7 +264,6 @@ function drawTitleWarning(ctx, node) {
   ctx.fillStyle = COLORS.warning;
   ctx.fillText(text, node.size[0] - 10, -titleHeight / 2);
   ctx.restore();
-  node.tacaTitleWarning = { text, right: node.size[0] - 10, y: -titleHeight / 2 };
 }
 
 /** Grows the node when the plot needs more room than it has (never shrinks what the user sized). */
@@ -364,7 +284,7 @@ function fitNode(node) {
  * changed since the last paint. Cheap when nothing changed, so any event may call it.
  */
 function refresh(node) {
-  const view = node.tacaView;
+  const view = views.get(node);
   if (!view) return;
   try {
     const measured = view.element.clientWidth;
@@ -384,14 +304,7 @@ function refresh(node) {
     const ctx = canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     drawSchedule(ctx, lay);
-    const plot = lay.plot;
-    plot.width = width;
-    plot.height = lay.height;
-    plot.drawCount = (node.tacaPlot?.drawCount ?? 0) + 1;
-    node.tacaPlot = plot;
-    node.tacaFeedback = lay.feedback
-      ? { ...lay.feedback, lines: lay.feedbackLines.map((l) => l.text), warningShown: !!lay.feedback.warning }
-      : null;
+    canvas.setAttribute("aria-label", lay.text);
     if (lay.height !== view.height) {
       view.height = lay.height;
       fitNode(node);
@@ -422,8 +335,10 @@ function addScheduleWidget(node) {
   element.style.cssText = "position: relative; width: 100%; min-width: 0; overflow: hidden;";
   const canvas = document.createElement("canvas");
   canvas.style.cssText = "display: block; width: 100%;";
+  canvas.setAttribute("role", "img");
   element.appendChild(canvas);
-  const view = { element, canvas, key: null, height: 0, reportSeq: 0, widget: null };
+  const view = { element, canvas, key: null, height: 0, reportSeq: 0, report: null, widget: null, observer: null };
+  views.set(node, view);
   const widget = node.addDOMWidget(WIDGET_NAME, "taca_schedule", element, {
     serialize: false, // not part of the prompt
     hideOnZoom: false, // the classic renderer would otherwise hide it when zoomed out
@@ -435,8 +350,6 @@ function addScheduleWidget(node) {
   });
   widget.serialize = false; // not part of widgets_values
   view.widget = widget;
-  node.tacaView = view;
-  node.tacaCanvas = canvas;
 
   // A value typed, dragged or picked in either renderer reaches the widget's callback (Vue nodes call it
   // too; onWidgetChanged is the classic canvas's only). The chain keeps whatever callback was there.
@@ -479,9 +392,10 @@ function onReport(event) {
     const detail = event?.detail;
     if (!detail || typeof detail !== "object") return;
     const node = findNode(detail.node_id);
-    if (!node || !NODE_TYPES.includes(node.comfyClass) || !node.tacaView) return;
-    node.tacaReport = detail;
-    node.tacaView.reportSeq += 1;
+    const view = node && NODE_TYPES.includes(node.comfyClass) ? views.get(node) : null;
+    if (!view) return;
+    view.report = detail;
+    view.reportSeq += 1;
     refresh(node);
   } catch (err) {
     console.error("[comfyui-taca] bad report", err);
@@ -520,7 +434,7 @@ app.registerExtension({
     };
     const onRemoved = proto.onRemoved;
     proto.onRemoved = function (...args) {
-      this.tacaView?.observer?.disconnect();
+      views.get(this)?.observer?.disconnect();
       return onRemoved?.apply(this, args);
     };
   },

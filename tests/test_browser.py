@@ -8,8 +8,9 @@ one browser, one page per (frontend, renderer).
 
 The shared workflows are loaded with the frontend's own ``app.loadGraphData`` and converted with its
 ``app.graphToPrompt``; the tiny demo is run from the page with ``app.queuePrompt`` (what the Run button
-does); the schedule plot and the run feedback are read back from what the extension drew, including the
-pixels of the page.
+does). The schedule plot and the run report are read from what the page shows and what the server sent: the
+plot canvas's pixels (its bars, read from the colours) and the page's pixels where it is, the canvas's text
+alternative, and the websocket messages (through listeners the tests add to the frontend's api object).
 
 Needs /usr/bin/chromium (scripts/setup_runtime.sh installs it); TACA_SKIP_BROWSER=1 skips the module.
 Screenshots go to .artifacts/browser/.
@@ -32,6 +33,7 @@ import browser_helpers as bh
 from devtools.comfy_server import ComfyServer
 from conftest import REPO
 from devtools import comfy_runtime
+from taca.settings import format_blocks
 
 if os.environ.get("TACA_SKIP_BROWSER") == "1":
     pytest.skip("TACA_SKIP_BROWSER=1", allow_module_level=True)
@@ -49,8 +51,7 @@ ARTIFACTS = os.path.join(REPO, ".artifacts", "browser")
 MODELS = os.path.join(comfy_runtime.RUNTIME_HOME, "test_models")
 LOADER_TYPES = ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader",
                 "TACALoraLoader")
-# extension colours (js/taca.js COLORS)
-ACTIVE, INACTIVE, WARNING = "#f0a73a", "#5f7391", "#ff7a59"
+ACTIVE, INACTIVE, OK, WARNING = bh.ACTIVE, bh.INACTIVE, bh.OK, bh.WARNING
 
 
 def _comfyui_version():
@@ -191,21 +192,23 @@ def vue_mode(page):
     return page.evaluate("() => !!LiteGraph.vueNodesMode")
 
 
-def drawn(page, node_id, after=None, timeout=15_000, condition="true"):
-    """What the extension last drew for the node, once a draw newer than ``after`` satisfies ``condition``."""
+def drawn(page, node_id, condition="true", timeout=15_000):
+    """The node's plot as the page shows it (``bh.read_plot``), once its text satisfies ``condition``: a JS
+    expression over ``text`` (the canvas's text alternative) and ``lines`` (its lines: the label, then the report)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
-        page.wait_for_function(
-            f"""([id, after]) => {{ const n = app.graph.getNodeById(id); const plot = n && n.tacaPlot;
-                if (!plot || (after != null && plot.drawCount <= after)) {{ app.canvas.setDirty(true, true); return false; }}
-                const feedback = n.tacaFeedback; return {condition}; }}""", arg=[node_id, after], timeout=timeout)
+        page.wait_for_function(bh.WAIT_TEXT_JS.replace("CONDITION", condition), arg=node_id, timeout=timeout)
     except PlaywrightTimeout:
-        last = page.evaluate("(id) => { const n = app.graph.getNodeById(id); return n && { label: n.tacaPlot?.label, "
-                             "drawCount: n.tacaPlot?.drawCount, feedback: n.tacaFeedback ?? null }; }", node_id)
-        pytest.fail(f"node {node_id}: no draw with {condition} (after draw {after}) in {timeout} ms; last drawn: {last}")
+        last = page.evaluate(bh.PLOT_JS, node_id)
+        pytest.fail(f"node {node_id}: no plot with {condition} in {timeout} ms; last shown: {last and last['text']!r}")
     page.evaluate(bh.SETTLE_JS)
-    return page.evaluate(bh.DRAWN_JS, node_id)
+    return bh.read_plot(page, node_id)
+
+
+def simple_gamma(position, gamma=1.2, threshold=0.97):
+    """The TACA Patch Model's gamma at ``position``, from the paper's rule: gamma while t >= t_thresh, else 1."""
+    return gamma if position >= threshold and gamma != 1 else 1.0
 
 
 def set_number_widget(page, node_id, name, value):
@@ -276,7 +279,9 @@ def save_artifact(page, name):
 # ------------------------------------------------------------------------------------------ the extension
 
 def test_extension_is_served_and_registered(server, clean_page):
-    assert "/extensions/comfyui-taca/taca.js" in server.get("/extensions")
+    # the frontend imports every file listed; the rules module only exports functions for taca.js
+    served = server.get("/extensions")
+    assert "/extensions/comfyui-taca/taca.js" in served and "/extensions/comfyui-taca/taca_rules.js" in served
     names = clean_page.evaluate("() => app.extensions.map((e) => e.name)")
     assert "comfyui-taca.schedule" in names
 
@@ -337,7 +342,7 @@ def test_workflow_loads_and_converts_like_the_devtools_converter(name, server, o
     for taca_id in [n["id"] for n in workflow["nodes"] if n["type"] == "TACAPatchModel"]:
         focus_taca(page, taca_id)
         d = drawn(page, taca_id)
-        assert len(d["plot"]["bars"]) == 30
+        assert len(d["bars"]) == 30
         assert all(d["onTop"]), d["onTop"]
         assert page.evaluate(bh.OVERLAPS_JS, taca_id) == []
 
@@ -363,20 +368,20 @@ def test_plot_uses_the_nominal_schedule_before_any_run(clean_page):
     load(page, TINY)
     node_id = focus_taca(page)
     d = drawn(page, node_id)
-    plot = d["plot"]
-    assert plot["source"] == "nominal"
-    assert plot["sigmas"] == pytest.approx(nominal_comfy_sigmas(), abs=1e-6)
-    assert plot["active"] == [i < 3 for i in range(30)]
-    assert plot["heights"] == [1.2] * 3 + [1] * 27
-    assert "gamma 1.2 on steps 0-2 of 30" in plot["label"] and "nominal 30-step schedule" in plot["label"]
-    assert d["feedback"] is None  # no run yet: no feedback lines
+    expected = [simple_gamma(s) for s in nominal_comfy_sigmas()[:-1]]
+    assert expected == [1.2] * 3 + [1.0] * 27  # ComfyUI's own schedule: its first 3 sigmas are >= 0.97
+    assert d["active"] == [g != 1 for g in expected]
+    assert d["heights"] == pytest.approx(expected, abs=0.05)
+    assert d["label"] == "gamma 1.2 on steps 0-2 of 30 (nominal 30-step schedule)"
+    assert d["report"] == []  # no run yet: no report lines
+    assert bh.count_color(d["canvas"].convert("RGB"), (0, d["base"], *d["canvas"].size), bh.hex_rgb(OK), 30) == 0
 
     image = bh.screenshot(page)
-    for bar in plot["bars"]:
-        expected = bh.hex_rgb(ACTIVE if bar["active"] else INACTIVE)
-        assert bh.close(bh.pixel(image, bar["centre"]), expected, 3), bar
-    # bar heights on the canvas: gamma for the TACA steps, 1 for the others
-    active, inactive = plot["bars"][0], plot["bars"][10]
+    for bar in d["bars"]:
+        expected_color = bh.hex_rgb(ACTIVE if bar["active"] else INACTIVE)
+        assert bh.close(bh.pixel(image, bar["centre"]), expected_color, 3), bar
+    # bar heights on the page: gamma for the TACA steps, 1 for the others
+    active, inactive = d["bars"][0], d["bars"][10]
     h_active = bh.column_run(image, active["centre"][0], active["top"][1] - 3, active["bottom"][1] + 3,
                              bh.hex_rgb(ACTIVE))
     h_inactive = bh.column_run(image, inactive["centre"][0], active["top"][1] - 3, inactive["bottom"][1] + 3,
@@ -389,15 +394,15 @@ def test_plot_follows_the_threshold_and_gamma_widgets(clean_page):
     load(page, TINY)
     node_id = focus_taca(page)
     before = drawn(page, node_id)
-    assert sum(before["plot"]["active"]) == 3
+    assert sum(before["active"]) == 3
 
     # whole numbers: the Vue number inputs of some frontends take no decimal point from the keyboard
     set_number_widget(page, node_id, "gamma", 2)
-    g = drawn(page, node_id, after=before["drawCount"], condition="plot.gamma === 2")
-    assert g["plot"]["heights"] == [2] * 3 + [1] * 27
-    assert "gamma 2 on steps 0-2 of 30" in g["plot"]["label"]
-    bars = g["plot"]["bars"]
-    assert bars[0]["h"] / bars[20]["h"] == pytest.approx(2, rel=0.03)
+    g = drawn(page, node_id, condition="text.startsWith('gamma 2 ')")
+    assert g["label"] == "gamma 2 on steps 0-2 of 30 (nominal 30-step schedule)"
+    assert g["heights"] == pytest.approx([2] * 3 + [1] * 27, abs=0.05)
+    bars = g["bars"]
+    assert bars[0]["h"] / bars[20]["h"] == pytest.approx(2, rel=0.04)
     image = bh.screenshot(page)
     h_active = bh.column_run(image, bars[2]["centre"][0], bars[2]["top"][1] - 3, bars[2]["bottom"][1] + 3,
                              bh.hex_rgb(ACTIVE))
@@ -407,12 +412,13 @@ def test_plot_follows_the_threshold_and_gamma_widgets(clean_page):
     assert bh.close(bh.pixel(image, bars[3]["centre"]), bh.hex_rgb(INACTIVE), 3)
 
     set_number_widget(page, node_id, "threshold_sigma", 0)
-    after = drawn(page, node_id, after=g["drawCount"], condition="plot.threshold === 0")
-    assert after["plot"]["active"] == [True] * 30  # 0 means every step
-    assert "gamma 2 on steps 0-29 of 30" in after["plot"]["label"]
+    after = drawn(page, node_id, condition="text.startsWith('gamma 2 on steps 0-29 ')")
+    assert after["active"] == [True] * 30  # 0 means every step
+    assert after["heights"] == pytest.approx([2] * 30, abs=0.05)
+    assert after["label"] == "gamma 2 on steps 0-29 of 30 (nominal 30-step schedule)"
     image = bh.screenshot(page)
     for i in (3, 15, 29):  # drawn inactive before, active now
-        assert bh.close(bh.pixel(image, after["plot"]["bars"][i]["centre"]), bh.hex_rgb(ACTIVE), 3), i
+        assert bh.close(bh.pixel(image, after["bars"][i]["centre"]), bh.hex_rgb(ACTIVE), 3), i
     assert all(after["onTop"]), after["onTop"]
     save_artifact(page, "tiny_taca_demo_widgets_changed.png")
 
@@ -432,10 +438,11 @@ def test_no_taca_node_and_removed_node_are_harmless(clean_page):
         api.dispatchCustomEvent('comfyui-taca.report', { node_id: id, sample_sigmas: [1, 0], acted_steps: [0] });
         api.dispatchCustomEvent('comfyui-taca.report', { node_id: '9999', sample_sigmas: [1, 0] });
         app.canvas.draw(true, true);
+        await new Promise((resolve) => requestAnimationFrame(() => resolve()));
         return { before, after: app.graph.nodes.map((n) => [n.id, n.widgets?.length ?? 0]),
-                 reports: app.graph.nodes.filter((n) => n.tacaReport).length };
+                 plots: document.querySelectorAll('.comfyui-taca-schedule').length };
     }""")
-    assert result["before"] == result["after"] and result["reports"] == 0
+    assert result["before"] == result["after"] and result["plots"] == 0
 
     load(page, TINY)
     node_id = focus_taca(page)
@@ -455,24 +462,38 @@ def test_no_taca_node_and_removed_node_are_harmless(clean_page):
 
 # ------------------------------------------------------------------------------------------ runs
 
+# Adds a "Preview as Text" node (ComfyUI's PreviewAny) showing the TACA Probe Report's JSON output, as a user
+# does to read it, to the right of the graph; returns its id.
+ADD_JSON_PREVIEW_JS = """() => {
+    const report = app.graph.nodes.find((n) => n.type === 'TACAProbeReport');
+    const preview = LiteGraph.createNode('PreviewAny');
+    preview.pos = [Math.max(...app.graph.nodes.map((n) => n.pos[0] + n.size[0])) + 100, report.pos[1]];
+    app.graph.add(preview);
+    report.connect(1, preview, 0);
+    return preview.id;
+}"""
+
+
 @pytest.fixture(scope="module")
 def demo_run(page, server):
-    """The tiny demo run from the page; what the page showed afterwards."""
+    """The tiny demo run from the page (with the probe's JSON shown by a Preview as Text node); what the page
+    showed afterwards."""
     # the server is shared by both renderers: drop its cached outputs so that this page's run samples again
     status, _ = server.post("/free", {"free_memory": True})
     assert status == 200
     time.sleep(1.0)
     load(page, TINY)
+    preview_id = page.evaluate(ADD_JSON_PREVIEW_JS)
     node_id = focus_taca(page)
     started = time.time()
     n_reports = len(bh.events(page, "comfyui-taca.report"))
     response, history = queue_from_page(page, server)
-    d = drawn(page, node_id, condition="feedback !== null && plot.source === 'last run'")
+    d = drawn(page, node_id, condition="text.includes('(from last run)') && lines.length > 1")
     d["overlaps"] = page.evaluate(bh.OVERLAPS_JS, node_id)
     image = bh.screenshot(page)
     save_artifact(page, "tiny_taca_demo_after_run.png")
     reports = bh.events(page, "comfyui-taca.report")[n_reports:]  # this run's only
-    return {"node_id": node_id, "vue": vue_mode(page), "response": response, "history": history, "drawn": d, "image": image,
+    return {"node_id": node_id, "preview_id": preview_id, "vue": vue_mode(page), "response": response, "history": history, "drawn": d, "image": image,
             "reports": reports, "seconds": time.time() - started}
 
 
@@ -525,7 +546,8 @@ def test_probe_report_shows_its_plot_after_the_demo_run(demo_run, server, page):
     with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
         plot = Image.open(io.BytesIO(r.read())).convert("RGB")
     assert plot.size == (960, 400)
-    data = json.loads(outputs[report_id]["taca_probe"][0])
+    # the JSON output, as the Preview as Text node got it
+    data = json.loads(outputs[str(demo_run["preview_id"])]["text"][0])
     assert len(data["steps"]) == 3 and data["heatmap"]["height"] * data["heatmap"]["width"] == 256
     page.wait_for_function(f"() => ({PROBE_PREVIEW_JS})({json.dumps(image['filename'])}) !== null", timeout=30_000)
     shown = page.evaluate(PROBE_PREVIEW_JS, image["filename"])
@@ -544,27 +566,25 @@ def test_feedback_shows_the_report_of_the_run(demo_run):
     assert len(reports) == 1
     report = reports[0]
     assert report["acted_steps"] == [0, 1, 2] and report["warning"] is None and report["attention_calls"] > 0
+    # the node shows the server's summary as it was sent, the line the server logs
+    assert report["summary"].startswith(f"TACA acted on steps 0, 1, 2 of 30 (sigma >= 0.97, gamma 1.2, exact): "
+                                        f"{report['attention_calls']} joint attention calls")
     d = demo_run["drawn"]
-    feedback = d["feedback"]
-    assert feedback["acted_steps"] == [0, 1, 2]
-    assert feedback["attention_calls"] == report["attention_calls"]
-    text = " ".join(feedback["lines"])
-    assert f"TACA acted on steps 0, 1, 2 of 30 · {report['attention_calls']} attention calls" in text
-    assert feedback["warningShown"] is False
-    assert d["overlaps"] == []  # the node grew to fit the feedback without running into the node below
-    plot = d["plot"]
-    assert plot["source"] == "last run" and "from last run" in plot["label"]
-    assert plot["sigmas"] == report["sample_sigmas"]
-    assert plot["active"] == [i in (0, 1, 2) for i in range(30)]
+    assert d["report"] == [report["summary"]]
+    assert d["overlaps"] == []  # the node grew to fit the report without running into the node below
+    # the bars are the run's steps now: a TACA step where the run's position is >= threshold_sigma
+    assert d["label"] == "gamma 1.2 on steps 0-2 of 30 (from last run)"
+    assert d["active"] == [p >= 0.97 for p in report["sample_positions"][:-1]] == [i in (0, 1, 2) for i in range(30)]
+    assert d["heights"] == pytest.approx([simple_gamma(p) for p in report["sample_positions"][:-1]], abs=0.05)
     image = demo_run["image"]
-    for bar in plot["bars"][:5]:
+    for bar in d["bars"][:5]:
         assert bh.close(bh.pixel(image, bar["centre"]), bh.hex_rgb(ACTIVE if bar["active"] else INACTIVE), 3)
-    # the feedback text is drawn in the "ok" colour below the bars, and nothing in the warning colour
-    box = [d["widgetBox"][0], plot["bars"][0]["bottom"][1] + 2, d["widgetBox"][2], d["widgetBox"][3]]
-    assert bh.count_color(image, box, bh.hex_rgb("#8fd694"), 30) > 20
+    # the report is drawn in the "ok" colour below the bars, and nothing in the warning colour
+    box = [d["widgetBox"][0], d["bars"][0]["bottom"][1] + 2, d["widgetBox"][2], d["widgetBox"][3]]
+    assert bh.count_color(image, box, bh.hex_rgb(OK), 30) > 20
     assert bh.count_color(image, box, bh.hex_rgb(WARNING), 30) == 0
     if not demo_run["vue"]:
-        assert d["titleWarning"] is None and bh.count_color(image, d["titleBox"], bh.hex_rgb(WARNING), 30) == 0
+        assert bh.count_color(image, d["titleBox"], bh.hex_rgb(WARNING), 30) == 0
 
 
 def test_warning_appears_when_the_run_starts_below_the_threshold(demo_run, page, server):
@@ -588,21 +608,20 @@ def test_warning_appears_when_the_run_starts_below_the_threshold(demo_run, page,
     assert len(reports) == 1 and reports[0]["node_id"] == str(node_id)
     warning = reports[0]["warning"]
     assert warning and "below threshold_sigma 0.97" in warning and reports[0]["acted_steps"] == []
+    assert reports[0]["summary"] == warning and reports[0]["sample_sigmas"][0] < 0.97
 
-    d = drawn(page, node_id, condition="feedback !== null && feedback.warning !== null")
-    assert d["feedback"]["warning"] == warning and d["feedback"]["warningShown"]
-    shown = " ".join(d["feedback"]["lines"])
-    assert warning in shown.replace("⚠ ", "")  # every word of it, wrapped over lines
-    assert len(d["feedback"]["lines"]) >= 3
-    assert d["plot"]["source"] == "last run" and not any(d["plot"]["active"])
-    assert d["plot"]["sigmas"][0] == pytest.approx(reports[0]["sample_sigmas"][0]) and d["plot"]["sigmas"][0] < 0.97
+    d = drawn(page, node_id, condition="text.includes('⚠ TACA never acted')")
+    assert d["report"] == ["⚠ " + warning]
+    assert d["label"] == "gamma 1.2 on no step of 30: no sigma >= 0.97 (from last run)"
+    assert not any(d["active"]) and len(d["bars"]) == 30
+    # every word of it is drawn, wrapped over lines below the bars, in the warning colour
+    assert bh.text_rows(d["canvas"], d["base"], bh.WARNING) >= 3
     image = bh.screenshot(page)
-    box = [d["widgetBox"][0], d["plot"]["bars"][0]["bottom"][1] + 2, d["widgetBox"][2], d["widgetBox"][3]]
+    box = [d["widgetBox"][0], d["bars"][0]["bottom"][1] + 2, d["widgetBox"][2], d["widgetBox"][3]]
     assert bh.count_color(image, box, bh.hex_rgb(WARNING), 30) > 50
     assert all(d["onTop"]), d["onTop"]
     if not demo_run["vue"]:
         # flagged in the classic canvas's title bar too, which a node placed below cannot cover
-        assert d["titleWarning"]["text"] == "⚠ TACA never acted"
         assert bh.count_color(image, d["titleBox"], bh.hex_rgb(WARNING), 30) > 30
     save_artifact(page, "tiny_taca_demo_warning.png")
     assert page.taca_errors == []
@@ -643,10 +662,13 @@ def test_advanced_node_shows_its_window_ramp_blocks_and_gammas(page, server):
     workflow, node_id = advanced_demo()
     load(page, workflow)
     focus_taca(page, node_id)
-    nominal = drawn(page, node_id)["plot"]
-    assert nominal["source"] == "nominal" and nominal["sigmaStart"] == 0.99 and nominal["ramp"] == "linear"
-    assert nominal["heights"] == pytest.approx([ramp_gamma(s) for s in nominal_comfy_sigmas()[:-1]], abs=1e-5)
-    assert "gamma 1.5→1 (linear) on steps" in nominal["label"] and "window sigma 0.8-0.99" in nominal["label"]
+    nominal = drawn(page, node_id)
+    sigmas = nominal_comfy_sigmas()[:-1]
+    nominal_steps = [i for i, s in enumerate(sigmas) if ramp_gamma(s) != 1.0]
+    assert nominal["label"] == (f"gamma 1.5→1 (linear) on steps {format_blocks(nominal_steps)} of 30, window sigma "
+                                "0.8-0.99 (nominal 30-step schedule)")
+    assert nominal["activeSteps"] == nominal_steps
+    assert nominal["heights"] == pytest.approx([ramp_gamma(s) for s in sigmas], abs=0.05)
 
     n_reports = len(bh.events(page, "comfyui-taca.report"))
     _, history = queue_from_page(page, server)
@@ -654,7 +676,7 @@ def test_advanced_node_shows_its_window_ramp_blocks_and_gammas(page, server):
     reports = [r for r in bh.events(page, "comfyui-taca.report")[n_reports:] if r["node_id"] == str(node_id)]
     assert len(reports) == 1
     report = reports[0]
-    d = drawn(page, node_id, condition="feedback !== null && plot.source === 'last run'")
+    d = drawn(page, node_id, condition="text.includes('(from last run)') && lines.length > 1")
     image = bh.screenshot(page)
     save_artifact(page, "tiny_taca_demo_advanced_after_run.png")
 
@@ -672,33 +694,29 @@ def test_advanced_node_shows_its_window_ramp_blocks_and_gammas(page, server):
     for entry in report["step_gammas"]:
         assert entry["gammas"][0] == 1.0 and 1.0 <= entry["gammas"][1] <= ramp_gamma(entry["sigma"]) + 1e-9
 
-    # what is drawn: bars of the ramp at the run's sigmas, and the feedback of every setting
-    plot, feedback = d["plot"], d["feedback"]
-    assert plot["heights"] == pytest.approx([ramp_gamma(p) for p in positions], abs=1e-9)
-    assert plot["activeSteps"] == expected_steps
-    assert "from last run" in plot["label"] and "window sigma 0.8-0.99" in plot["label"]
-    text = " ".join(feedback["lines"])
-    assert "TACA acted on steps " in text and feedback["acted_steps"] == expected_steps
-    assert "blocks 1,5-6: acted on 1 of 2 joint calls per model call" in text
-    assert "gamma per step (adaptive, share 0.6): " in text
-    assert feedback["blocksWarning"] == report["blocks_warning"] and feedback["warning"] is None
-    assert ("⚠ " + report["blocks_warning"]) in text
-    assert [(e["step"], e["min"], e["max"]) for e in feedback["stepGammas"]] == [
-        (e["step"], e["min"], e["max"]) for e in report["step_gammas"]]
+    # what is shown: bars of the ramp at the run's positions, the server's summary (it names the blocks acted on
+    # and each step's gammas) and, on its own line in the warning colour, the blocks beyond the model
+    assert d["heights"] == pytest.approx([ramp_gamma(p) for p in positions], abs=0.05)
+    assert d["activeSteps"] == expected_steps
+    assert d["label"] == (f"gamma 1.5→1 (linear) on steps {format_blocks(expected_steps)} of 30, window sigma "
+                          "0.8-0.99 (from last run)")
+    assert d["report"] == [report["summary"], "⚠ " + report["blocks_warning"]]
+    assert "Blocks 1,5-6: acted on 1 of 2 joint calls per model call." in report["summary"]
+    assert "Gamma per step, adaptive towards share 0.6: " in report["summary"]
 
-    bars = plot["bars"]
+    bars = d["bars"]
     for bar in bars:
         expected = ACTIVE if bar["active"] else INACTIVE
         assert bh.close(bh.pixel(image, bar["centre"]), bh.hex_rgb(expected), 3), bar
     first, off = bars[expected_steps[0]], bars[0]
     h_first = bh.column_run(image, first["centre"][0], first["top"][1] - 3, first["bottom"][1] + 3, bh.hex_rgb(ACTIVE))
     h_off = bh.column_run(image, off["centre"][0], first["top"][1] - 3, off["bottom"][1] + 3, bh.hex_rgb(INACTIVE))
-    assert h_first / h_off == pytest.approx(plot["heights"][expected_steps[0]], abs=0.1)
+    assert h_first / h_off == pytest.approx(ramp_gamma(positions[expected_steps[0]]), abs=0.1)
     assert bars[expected_steps[0]]["h"] > bars[expected_steps[-1]]["h"]  # the ramp falls over the window
     box = [d["widgetBox"][0], bars[0]["bottom"][1] + 2, d["widgetBox"][2], d["widgetBox"][3]]
-    assert bh.count_color(image, box, bh.hex_rgb("#8fd694"), 30) > 20
+    assert bh.count_color(image, box, bh.hex_rgb(OK), 30) > 20
     assert bh.count_color(image, box, bh.hex_rgb(WARNING), 30) > 30  # the blocks warning
     assert all(d["onTop"]), d["onTop"]
     if not vue_mode(page):
-        assert d["titleWarning"] is None  # TACA acted: no "never acted" flag
+        assert bh.count_color(image, d["titleBox"], bh.hex_rgb(WARNING), 30) == 0  # TACA acted: no "never acted" flag
     assert page.taca_errors[before_errors:] == []
