@@ -163,6 +163,14 @@ def _hunyuan_layouts(diffusion_model: Any, x: Any, context: Any, conds: Dict[str
     return [JointLayout.text_first(text, text + visual)]
 
 
+def _hunyuan_family(name: str, model_classes: Tuple[str, ...], text_side: str) -> ModelFamily:
+    """A HunyuanVideo / HunyuanImage 2.1 family: they count their tokens alike, take their order from this
+    ComfyUI's blocks (``_hunyuan_layouts``) and leave the token refiner alone; only the text side differs."""
+    return ModelFamily(name=name, model_classes=model_classes, text_first=False, count_text=_hunyuan_text_tokens,
+                       count_visual=_hunyuan_visual_tokens, text_side=text_side, layouts_fn=_hunyuan_layouts,
+                       untouched="the token refiner")
+
+
 def _plane_tokens(diffusion_model: Any, latents: Sequence[Any]) -> int:
     """Image tokens of 4D (B, C, H, W) or 5D (B, C, F, H, W) latents patchified over H and W.
 
@@ -385,37 +393,15 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         count_visual=_image_tokens,
         text_side="the model's 8 register tokens plus the T5 (Pile-T5) tokens",
     ),
-    ModelFamily(
-        name="HunyuanVideo 1.0 (T2V, I2V, SkyReels I2V)",
-        model_classes=("HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V"),
-        text_first=False,
-        count_text=_hunyuan_text_tokens,
-        count_visual=_hunyuan_visual_tokens,
-        text_side="the LLaVA-Llama tokens after the token refiner (I2V: including the image tokens the text "
-                  "encoder put into them)",
-        layouts_fn=_hunyuan_layouts,
-        untouched="the token refiner",
-    ),
-    ModelFamily(
-        name="HunyuanVideo 1.5",
-        model_classes=("HunyuanVideo15", "HunyuanVideo15_SR_Distilled"),
-        text_first=False,
-        count_text=_hunyuan_text_tokens,
-        count_visual=_hunyuan_visual_tokens,
-        text_side="vision-encoder tokens (I2V), byT5 tokens and the Qwen2.5-VL tokens after the token refiner",
-        layouts_fn=_hunyuan_layouts,
-        untouched="the token refiner",
-    ),
-    ModelFamily(
-        name="HunyuanImage 2.1",
-        model_classes=("HunyuanImage21", "HunyuanImage21Refiner"),
-        text_first=False,
-        count_text=_hunyuan_text_tokens,
-        count_visual=_hunyuan_visual_tokens,
-        text_side="Qwen2.5-VL tokens after the token refiner plus the byT5 glyph tokens",
-        layouts_fn=_hunyuan_layouts,
-        untouched="the token refiner",
-    ),
+    # (name, model classes, text side): the rest is the same for the three (see _hunyuan_family)
+    _hunyuan_family("HunyuanVideo 1.0 (T2V, I2V, SkyReels I2V)",
+                    ("HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V"),
+                    "the LLaVA-Llama tokens after the token refiner (I2V: including the image tokens the text "
+                    "encoder put into them)"),
+    _hunyuan_family("HunyuanVideo 1.5", ("HunyuanVideo15", "HunyuanVideo15_SR_Distilled"),
+                    "vision-encoder tokens (I2V), byT5 tokens and the Qwen2.5-VL tokens after the token refiner"),
+    _hunyuan_family("HunyuanImage 2.1", ("HunyuanImage21", "HunyuanImage21Refiner"),
+                    "Qwen2.5-VL tokens after the token refiner plus the byT5 glyph tokens"),
     ModelFamily(
         name="Qwen-Image (and Qwen-Image-Edit)",
         model_classes=("QwenImage",),
