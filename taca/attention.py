@@ -2,7 +2,9 @@
 
 Every function here takes the attention backend as a callable, so the fused
 kernel ComfyUI (or another pack) selected keeps doing the softmax; we only
-change what goes into it.  Nothing in this module imports ComfyUI.
+change what goes into it.  The eq. 10 functions take one attention call's
+backend and inputs together, as ``AttentionInputs``.  Nothing in this module
+imports ComfyUI.
 
 Notation: the joint sequence holds N tokens, the text tokens occupy the
 contiguous span ``[text.start, text.stop)`` and every other token is visual.
@@ -124,17 +126,25 @@ def _gather(t: torch.Tensor, pieces: Sequence[Tuple[int, int]], dim: int) -> tor
 RowParts = List[Tuple[List[Tuple[int, int]], torch.Tensor]]
 
 
-def exact_attention_parts(
-    attend: Backend,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    span: JointLayout,
-    gamma: float,
-    seq_dim: int,
-    key_policy: KeyPolicy = KeyPolicy.COPY,
-) -> RowParts:
+class AttentionInputs(NamedTuple):
+    """One attention call as the eq. 10 functions take it: the backend, its inputs, the text span and gamma.
+
+    ``seq_dim`` is the sequence dim of q, k and v; a mask's query rows are its second-to-last dim.
+    ``key_policy`` says who may write into K (see ``scaled_text_keys``).
+    """
+
+    attend: Backend
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor]
+    span: JointLayout
+    gamma: float
+    seq_dim: int
+    key_policy: KeyPolicy = KeyPolicy.COPY
+
+
+def exact_attention_parts(inputs: AttentionInputs) -> RowParts:
     """Eq. 10 exactly, in two backend calls, returned as row groups (see ``assemble_rows``).
 
     Text-query rows see the original keys; visual-query rows see keys whose
@@ -143,6 +153,7 @@ def exact_attention_parts(
     text rows go first, so with ``key_policy`` "owned" or "borrowed" the same
     K can be scaled in place for the visual rows afterwards.
     """
+    attend, q, k, v, mask, span, gamma, seq_dim, key_policy = inputs
     n_query = q.shape[seq_dim]
     if span.text_tokens == 0 or span.text_tokens == n_query:
         return [([(0, n_query)], attend(q, k, v, mask))]
@@ -195,38 +206,18 @@ def assemble_heads_as_tokens(parts: RowParts, length: int) -> torch.Tensor:
     return out
 
 
-def exact_attention(
-    attend: Backend,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    span: JointLayout,
-    gamma: float,
-    seq_dim: int,
-    out_seq_dim: int,
-    key_policy: KeyPolicy = KeyPolicy.COPY,
-) -> torch.Tensor:
-    """Eq. 10 exactly: ``exact_attention_parts`` put back in sequence order."""
-    return assemble_rows(exact_attention_parts(attend, q, k, v, mask, span, gamma, seq_dim, key_policy), out_seq_dim)
+def exact_attention(inputs: AttentionInputs, out_seq_dim: int) -> torch.Tensor:
+    """Eq. 10 exactly: ``exact_attention_parts`` put back in sequence order along ``out_seq_dim``."""
+    return assemble_rows(exact_attention_parts(inputs), out_seq_dim)
 
 
-def selective_attention(
-    attend: Backend,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    span: JointLayout,
-    gamma: float,
-    seq_dim: int,
-    key_policy: KeyPolicy = KeyPolicy.COPY,
-) -> torch.Tensor:
+def selective_attention(inputs: AttentionInputs) -> torch.Tensor:
     """The paper's listing 2: text keys scaled for every query, one backend call.
 
     Exact for visual-query rows; text-query rows also get their text->text
     logits scaled by gamma, which eq. 10 does not do.
     """
+    attend, q, k, v, mask, span, gamma, seq_dim, key_policy = inputs
     if span.text_tokens == 0:
         return attend(q, k, v, mask)
     with scaled_text_keys(k, span, gamma, seq_dim, key_policy) as k_scaled:

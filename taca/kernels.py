@@ -138,9 +138,9 @@ def attend_joint_call(inner: Inner, call: JointCall, gamma: float, mode: str) ->
         mode = "exact"
     if mode == "selective" or (call.span.visual_queries_only and mode != "flex"):
         # Only visual query rows: listing 2 is eq. 10 exactly, in one call.
-        return taca_attention.selective_attention(
+        return taca_attention.selective_attention(taca_attention.AttentionInputs(
             _backend(inner, call.heads, call.params), call.q, call.k, call.v, call.mask, call.span, gamma,
-            call.seq_dim, key_policy(call.k, call.q, call.v))
+            call.seq_dim, key_policy(call.k, call.q, call.v)))
     if mode == "flex":
         return _flex(call.as_heads(), gamma)
     return _exact(inner, call.as_heads(), gamma)
@@ -155,11 +155,13 @@ def _exact(inner: Inner, call: JointCall, gamma: float) -> torch.Tensor:
     q, mask, span = call.q, call.mask, call.span
     if call.out_seq_dim == 2:
         attend = _backend(inner, call.heads, call.params)
-        return taca_attention.exact_attention(attend, q, k, v, mask, span, gamma, 2, 2, policy)
+        return taca_attention.exact_attention(
+            taca_attention.AttentionInputs(attend, q, k, v, mask, span, gamma, 2, policy), 2)
     # The model wants (B, N, H*D): take (B, H, n, D) from the backend for each row group and write the
     # groups straight into that layout (one copy, as the backend's own reshape would make).
     attend = _backend(inner, call.heads, dict(call.params, skip_output_reshape=True))
-    parts = taca_attention.exact_attention_parts(attend, q, k, v, mask, span, gamma, 2, policy)
+    parts = taca_attention.exact_attention_parts(
+        taca_attention.AttentionInputs(attend, q, k, v, mask, span, gamma, 2, policy))
     if all(part.ndim == 4 for _, part in parts):
         return taca_attention.assemble_heads_as_tokens(parts, span.length)
     return taca_attention.assemble_rows(  # a backend that ignored skip_output_reshape

@@ -100,7 +100,8 @@ def test_exact_all_rows_match_eq10(dtype, mask_kind, order, n_text):
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
     span = spans_for(n_text, n_visual, order)
-    out = taca_attention.exact_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, seq_dim=2, out_seq_dim=2)
+    out = taca_attention.exact_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, mask, span, GAMMA, seq_dim=2), out_seq_dim=2)
     ref = taca_reference(q, k, v, span.start, span.stop, GAMMA, mask)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_to_reference(out, ref, q, k, v, mask, dtype)
@@ -118,8 +119,9 @@ def test_exact_in_comfy_layout(order, mask_kind):
     b, h, n, _ = q.shape
     mask = make_mask(mask_kind, b, h, n)
     span = spans_for(9, 30, order)
-    out = taca_attention.exact_attention(sdpa_bn_hd(heads), to_bn_hd(q), to_bn_hd(k), to_bn_hd(v), mask,
-                                         span, GAMMA, seq_dim=1, out_seq_dim=1)
+    out = taca_attention.exact_attention(
+        taca_attention.AttentionInputs(sdpa_bn_hd(heads), to_bn_hd(q), to_bn_hd(k), to_bn_hd(v), mask, span, GAMMA,
+                                       seq_dim=1), out_seq_dim=1)
     ref = taca_reference(q, k, v, span.start, span.stop, GAMMA, mask)
     assert max_row_rel_err(from_bn_hd(out, heads), ref) <= 1e-5
 
@@ -128,7 +130,7 @@ def test_exact_text_in_the_middle():
     q, k, v = make_inputs(6, 30, torch.float32)
     span = JointLayout(10, 16, 36)
     mask = make_mask("additive", 2, 3, 36)
-    out = taca_attention.exact_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, 2)
+    out = taca_attention.exact_attention(taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2), 2)
     ref = taca_reference(q, k, v, 10, 16, GAMMA, mask)
     assert max_row_rel_err(out, ref) <= 1e-5
 
@@ -141,7 +143,8 @@ def test_selective_visual_rows_match_eq10_text_rows_match_listing2(mask_kind, or
     b, h, n, _ = q.shape
     mask = make_mask(mask_kind, b, h, n)
     span = spans_for(n_text, 44, order)
-    out = taca_attention.selective_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, seq_dim=2)
+    out = taca_attention.selective_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, mask, span, GAMMA, seq_dim=2))
     ref = taca_reference(q, k, v, span.start, span.stop, GAMMA, mask)
     vis = torch.ones(n, dtype=torch.bool)
     vis[span.start:span.stop] = False
@@ -175,14 +178,15 @@ def test_exact_gamma_one_is_plain_attention_bit_for_bit():
     plain = sdpa_bhnd(q, k, v, None)
     # gamma == 1 is handled upstream by not patching at all; the selective path with gamma 1
     # is still one call on an identical copy of K.
-    out = taca_attention.selective_attention(sdpa_bhnd, q, k, v, None, span, 1.0, 2)
+    out = taca_attention.selective_attention(taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, None, span, 1.0, 2))
     assert torch.equal(out, plain)
 
 
 def test_exact_does_not_touch_inputs():
     q, k, v = make_inputs(8, 24, torch.float32)
     k_before = k.clone()
-    taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, JointLayout.text_first(8, 32), GAMMA, 2, 2)
+    taca_attention.exact_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, None, JointLayout.text_first(8, 32), GAMMA, 2), 2)
     assert torch.equal(k, k_before)
 
 
@@ -191,7 +195,8 @@ def test_row_groups_written_straight_into_the_token_layout(span):
     """(B, H, n, D) row groups -> (B, N, H*D), the layout ComfyUI's models ask for."""
     heads = 3
     q, k, v = make_inputs(9, 30, torch.float32, heads=heads)
-    parts = taca_attention.exact_attention_parts(sdpa_bhnd, q, k, v, None, span, GAMMA, seq_dim=2)
+    parts = taca_attention.exact_attention_parts(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, None, span, GAMMA, seq_dim=2))
     out = taca_attention.assemble_heads_as_tokens(parts, span.length)
     assert out.shape == (2, 39, heads * 16) and out.is_contiguous()
     ref = taca_reference(q, k, v, span.start, span.stop, GAMMA)
@@ -208,13 +213,17 @@ def test_in_place_key_policies_equal_the_copy_bit_for_bit(policy, span, mask_kin
     """Scaling K in place after the text rows gives the same bits as scaling a copy, and matches eq. 10."""
     q, k, v = make_inputs(9, 30, torch.float32)
     mask = make_mask(mask_kind, 2, 3, 39)
-    copied = taca_attention.exact_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, 2, "copy")
-    in_place = taca_attention.exact_attention(sdpa_bhnd, q, k.clone(), v, mask, span, GAMMA, 2, 2, policy)
+    copied = taca_attention.exact_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, "copy"), 2)
+    in_place = taca_attention.exact_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k.clone(), v, mask, span, GAMMA, 2, policy), 2)
     assert torch.equal(in_place, copied)
     ref = taca_reference(q, k, v, span.start, span.stop, GAMMA, mask)
     assert max_row_rel_err(in_place, ref) <= 1e-5
-    sel_copy = taca_attention.selective_attention(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, "copy")
-    sel = taca_attention.selective_attention(sdpa_bhnd, q, k.clone(), v, mask, span, GAMMA, 2, policy)
+    sel_copy = taca_attention.selective_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, mask, span, GAMMA, 2, "copy"))
+    sel = taca_attention.selective_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k.clone(), v, mask, span, GAMMA, 2, policy))
     assert torch.equal(sel, sel_copy)
 
 
@@ -233,13 +242,14 @@ def test_borrowed_keys_are_scaled_only_for_the_visual_rows_and_given_back(span):
     q, k, v = make_inputs(9, 30, torch.float32)
     k_before = k.clone()
     attend, seen = keys_seen_by(sdpa_bhnd)
-    taca_attention.exact_attention(attend, q, k, v, None, span, GAMMA, 2, 2, "borrowed")
+    taca_attention.exact_attention(taca_attention.AttentionInputs(attend, q, k, v, None, span, GAMMA, 2, "borrowed"), 2)
     assert torch.equal(k, k_before)
     assert torch.equal(seen[0], k_before)  # text rows: the original keys
     expected = k_before.clone()
     expected[:, :, span.start:span.stop] *= GAMMA
     assert torch.equal(seen[1], expected)  # visual rows: text keys times gamma
-    taca_attention.selective_attention(sdpa_bhnd, q, k, v, None, span, GAMMA, 2, "borrowed")
+    taca_attention.selective_attention(
+        taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, None, span, GAMMA, 2, "borrowed"))
     assert torch.equal(k, k_before)
 
 
@@ -255,14 +265,18 @@ def test_borrowed_keys_are_given_back_when_the_backend_fails():
         return sdpa_bhnd(q_, k_, v_, mask_)
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        taca_attention.exact_attention(failing, q, k, v, None, JointLayout.text_first(9, 39), GAMMA, 2, 2, "borrowed")
+        taca_attention.exact_attention(
+            taca_attention.AttentionInputs(failing, q, k, v, None, JointLayout.text_first(9, 39), GAMMA, 2,
+                                           "borrowed"), 2)
     assert torch.equal(k, k_before)
 
 
 def test_unknown_key_policy_is_refused():
     q, k, v = make_inputs(9, 30, torch.float32)
     with pytest.raises(ValueError, match="key policy"):
-        taca_attention.exact_attention(sdpa_bhnd, q, k, v, None, JointLayout.text_first(9, 39), GAMMA, 2, 2, "steal")
+        taca_attention.exact_attention(
+            taca_attention.AttentionInputs(sdpa_bhnd, q, k, v, None, JointLayout.text_first(9, 39), GAMMA, 2,
+                                           "steal"), 2)
 
 
 def sdpa_bhnd_with(**sdpa_kwargs):
@@ -305,9 +319,11 @@ def test_grouped_query_attention_and_softmax_scale_in_every_mode(heads, kv_heads
     attend = sdpa_bhnd_with(**sdpa_kwargs)
     k_before = k.clone()
     if mode == "exact":
-        out = taca_attention.exact_attention(attend, q, k, v, mask, span, GAMMA, 2, 2, "borrowed")
+        out = taca_attention.exact_attention(
+            taca_attention.AttentionInputs(attend, q, k, v, mask, span, GAMMA, 2, "borrowed"), 2)
     elif mode == "selective":
-        out = taca_attention.selective_attention(attend, q, k, v, mask, span, GAMMA, 2, "borrowed")
+        out = taca_attention.selective_attention(
+            taca_attention.AttentionInputs(attend, q, k, v, mask, span, GAMMA, 2, "borrowed"))
     else:
         out = taca_attention.flex_taca_attention(q, k, v, mask, span, GAMMA, flex_fn=flex_attention,
                                                  scale=scale, enable_gqa=gqa)
