@@ -9,22 +9,41 @@ of its softmax, with logits s_ij = scale * q_i.k_j, the additive mask m_ij added
 scaling (a boolean mask keeps where True) and V the visual keys.  The paper's diagnosis (sec. 3) is
 that this share is small when image tokens outnumber text tokens; gamma > 1 raises it.
 
-The visual LSE does not depend on gamma, so it is computed once, over chunks of query rows that
-never hold the full N x N logits, and every gamma after that costs only a rows x T pass.  Nothing
-in this module imports ComfyUI.
+``ShareProbe.measure`` does the gamma-independent part once: the visual LSE of every measured row
+(never holding the rows x visual logits on a CPU: the fused attention kernel returns it) and the
+rows x T text logits.  Every gamma after that is one rows x T pass.  The logits are computed in the
+inputs' own matmul precision (float32 for float32, float16 and bfloat16 inputs, float64 for float64
+ones); only the LSEs' combination, the sigmoid and the means are float64.  Against a float64 full
+softmax a share is then off by at most about a quarter of the float32 rounding of its logits: up to 2e-8
+on means and 1.2e-7 per row on the tests' inputs (logits up to about 10), 1.3e-6 for one row and head with
+logits above 20, where float32 rounds a logit by up to 8e-6 (a mean over rows stays near 1e-8).  Nothing in
+this module imports ComfyUI.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .attention import JointLayout
 
-# Logit elements per chunk of query rows (float64: 128 MiB), unless the caller names a chunk size.
+# Logit (or mask) elements per chunk of query rows where a chunk is materialised: the visual logits of the
+# unfused path, a mask made additive for the fused kernel.  None: about this many; ``chunk``: that many rows.
 CHUNK_ELEMENTS = 1 << 24
+
+# Image query rows the adaptive gamma measures per joint call (evenly spaced, see ``probe_rows``).  Its error
+# against all rows is a sampling error: on a 64 x 64 token image whose text share varies over a blob, the mean
+# share of 256 evenly spaced rows was off by 0.2 - 0.5 standard errors of a random sample, 1 - 5 % of the
+# share (tests/test_probe.py, ``test_subset_estimate_on_a_large_image``).
+ADAPTIVE_ROWS = 256
+
+# The fused CPU attention kernel that returns each row's log-sum-exp (so the visual logits never exist), used
+# for float32 logits; None where this torch lacks it.  Tests switch it off to check the unfused path.
+_FUSED_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+USE_FUSED_LSE = True
 
 
 def visual_positions(span: JointLayout, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -47,6 +66,10 @@ def probe_rows(n_visual: int, max_rows: Optional[int] = None) -> torch.Tensor:
     return torch.linspace(0, n_visual - 1, max_rows, dtype=torch.float64).round().long()
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _as_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     # ComfyUI's conventions, as its attention functions read them: (Nq, Nk), (B, Nq, Nk) or
     # (B, H, Nq, Nk), any dim possibly 1.
@@ -59,111 +82,129 @@ def _as_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask
 
 
-def _additive(mask: torch.Tensor) -> torch.Tensor:
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill_(~mask, -math.inf)
-    return mask.double()
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+    return mask.to(dtype)
 
 
-def _mask_part(mask: Optional[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor, n: int) -> Optional[torch.Tensor]:
-    """Mask rows x cols as float64 additive; a broadcast (size 1) dim stays size 1."""
-    if mask is None:
-        return None
-    if mask.shape[-2] == n:
-        mask = mask.index_select(-2, rows)
-    if mask.shape[-1] == n:
-        mask = mask.index_select(-1, cols)
-    return _additive(mask)
+def _rows(t: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t``'s entries at ``positions`` (a host tensor, increasing) along ``dim``: a view where they are consecutive."""
+    count = positions.numel()
+    if count and int(positions[-1]) - int(positions[0]) + 1 == count:
+        return t.narrow(dim, int(positions[0]), count)
+    return t.index_select(dim, positions.to(t.device))
+
+
+def _mask_rows(mask: Optional[torch.Tensor], positions: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """The mask's query rows at sequence ``positions`` (a broadcast row dim stays size 1)."""
+    if mask is None or mask.shape[-2] != n:
+        return mask
+    return _rows(mask, positions, mask.ndim - 2)
+
+
+def _key_cols(mask: Optional[torch.Tensor], a: int, b: int, n: int) -> Optional[torch.Tensor]:
+    if mask is None or mask.shape[-1] != n:
+        return mask
+    return mask.narrow(-1, a, b - a)
+
+
+def _fold(q_rows: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """(B, H, r, D) -> (B, H_kv, (H / H_kv) r, D): the query heads of one key head as rows, so K is never repeated."""
+    b, h, r, d = q_rows.shape
+    if h % h_kv:
+        raise ValueError(f"{h} query heads cannot share {h_kv} key heads")
+    return q_rows if h == h_kv else q_rows.reshape(b, h_kv, (h // h_kv) * r, d)
+
+
+def _fold_mask(mask: torch.Tensor, h: int, h_kv: int) -> torch.Tensor:
+    """A (B|1, H|1, r|1, n) mask on the rows of ``_fold``'s layout."""
+    if h == h_kv:
+        return mask
+    b, mh, r, n = mask.shape
+    if mh == h:
+        return mask.reshape(b, h_kv, (h // h_kv) * r, n)
+    if r == 1:
+        return mask
+    return mask.repeat(1, 1, h // h_kv, 1)  # a head-broadcast mask, once per query head of a key head
 
 
 def _logits(q_rows: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, r, D) x (B, H_kv, n, D) -> (B, H, r, n) float64, query head h reading key head h // (H / H_kv).
-
-    The query heads of one key head are folded into the rows, so K is never repeated per head.
-    """
+    """scale * q_rows . keys^T: (B, H, r, D) x (B, H_kv, n, D) -> (B, H, r, n), in one batched matmul."""
     b, h, r, d = q_rows.shape
-    h_kv = keys.shape[1]
-    if h % h_kv:
-        raise ValueError(f"{h} query heads cannot share {h_kv} key heads")
-    folded = q_rows.double().reshape(b, h_kv, (h // h_kv) * r, d)
-    return (torch.matmul(folded, keys.transpose(-1, -2)) * scale).view(b, h, r, keys.shape[2])
+    h_kv, n = keys.shape[1], keys.shape[2]
+    folded = _fold(q_rows, h_kv).reshape(b * h_kv, -1, d)
+    ignored = folded.new_zeros(()).expand(b * h_kv, folded.shape[1], n)  # beta 0: only its shape counts
+    out = torch.baddbmm(ignored, folded, keys.reshape(b * h_kv, n, d).transpose(1, 2), beta=0.0, alpha=scale)
+    return out.view(b, h, r, n)
 
 
-class _Chunk(NamedTuple):
-    text_logits: torch.Tensor  # (B, H, r, T), before gamma
-    text_mask: Optional[torch.Tensor]  # broadcastable to text_logits
-    visual_lse: torch.Tensor  # (B, H, r)
-
-
-def _chunks(q: torch.Tensor, k: torch.Tensor, span: JointLayout, mask: Optional[torch.Tensor],
-            scale: Optional[float], rows: torch.Tensor, chunk: Optional[int]) -> Iterator[_Chunk]:
-    """The text logits and the visual LSE of the query rows ``rows`` (sequence positions), chunk by chunk."""
-    b, h, n, d = q.shape
-    if k.shape[2] != n:
-        raise ValueError(f"queries and keys must share one joint sequence, got {n} and {k.shape[2]} tokens")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    mask = None if mask is None else _as_4d(mask).to(q.device)
-    text_cols = torch.arange(span.start, span.stop, device=q.device)
-    visual_cols = visual_positions(span, q.device)
-    text_keys = k.narrow(2, span.start, span.text_tokens).double()
-    visual_keys = k.index_select(2, visual_cols).double()
+def _visual_lse(q_rows: torch.Tensor, k: torch.Tensor, span: JointLayout, mask: Optional[torch.Tensor],
+                scale: float, positions: torch.Tensor, chunk: Optional[int]) -> torch.Tensor:
+    """(B, H, R) float64: LSE over the visual keys of the query rows ``q_rows`` (B, H, R, D) at sequence
+    ``positions``, mask included; -inf where every visual key is masked."""
+    b, h, rows, _ = q_rows.shape
+    h_kv, n = k.shape[1], span.length
+    # float64 inputs stay float64 throughout: the fused kernel's LSE is float32-accurate only.
+    fused = (USE_FUSED_LSE and _FUSED_LSE is not None and q_rows.device.type == "cpu"
+             and q_rows.dtype == torch.float32)
     if chunk is None:
-        chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * max(visual_cols.numel(), span.text_tokens)))
-    rows = rows.to(q.device)
-    for first in range(0, rows.numel(), chunk):
-        these = rows[first:first + chunk]
-        q_rows = q.index_select(2, these)
-        visual = _logits(q_rows, visual_keys, scale)
-        visual_mask = _mask_part(mask, these, visual_cols, n)
-        if visual_mask is not None:
-            visual.add_(visual_mask)
-        yield _Chunk(_logits(q_rows, text_keys, scale), _mask_part(mask, these, text_cols, n),
-                     torch.logsumexp(visual, dim=-1))
+        per_row = b * h * max(1, n - span.text_tokens)
+        chunk = rows if fused and mask is None else max(1, CHUNK_ELEMENTS // per_row)
+    out = []
+    for first in range(0, rows, chunk):
+        these = min(chunk, rows - first)
+        q_part = q_rows.narrow(2, first, these)
+        part_mask = None if mask is None else _mask_rows(mask, positions.narrow(0, first, these), n)
+        lse = None
+        for a, stop in span.visual_pieces():
+            keys = k.narrow(2, a, stop - a)
+            cols = _key_cols(part_mask, a, stop, n)
+            if cols is not None:
+                cols = _additive(cols, q_rows.dtype)
+            if fused:
+                folded_cols = None if cols is None else _fold_mask(cols.expand(*cols.shape[:3], stop - a), h, h_kv)
+                piece = _FUSED_LSE(_fold(q_part, h_kv), keys, keys, attn_mask=folded_cols, scale=scale)[1]
+                piece = piece.reshape(b, h, these).double()
+                if cols is not None:  # the kernel gives 0 where every key is masked
+                    cut = (cols == -math.inf).all(dim=-1).expand(b, h, these)
+                    piece = piece.masked_fill(cut, -math.inf)
+            else:
+                logits = _logits(q_part, keys, scale)
+                if cols is not None:
+                    logits.add_(cols)
+                piece = _lse(logits)
+            lse = piece if lse is None else torch.logaddexp(lse, piece)
+        out.append(lse)
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
-def _shares(text_logits: torch.Tensor, text_mask: Optional[torch.Tensor], visual_lse: torch.Tensor,
-            live: torch.Tensor, gamma: float) -> torch.Tensor:
-    """share_i(gamma) per (B, H, row); 0 on rows that attend to nothing (``live`` False)."""
-    scaled = text_logits * gamma
-    if text_mask is not None:
-        scaled = scaled + text_mask
-    # Fully masked text: LSE -inf, share 0.  Fully masked visual keys: LSE -inf, share 1.
-    share = torch.sigmoid(torch.logsumexp(scaled, dim=-1) - visual_lse)
-    return torch.where(live, share, torch.zeros_like(share))
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """float64 LSE over the last dim of ``x`` (overwritten); -inf where every entry is -inf.
 
-
-def _head_mean(shares: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """(B, H, R) shares -> (B, R): each row's mean over the heads where it attends to some key (0 where none)."""
-    return shares.sum(dim=1) / live.sum(dim=1).clamp_min(1)
-
-
-def _live(text_mask: Optional[torch.Tensor], visual_lse: torch.Tensor, n_text: int) -> torch.Tensor:
-    """(B, H, row) rows that keep at least one key; a row with every key masked has no softmax to share."""
-    if text_mask is None:
-        text_kept = torch.tensor(n_text > 0, device=visual_lse.device)
-    else:
-        text_kept = (text_mask > -math.inf).any(dim=-1)
-    return (text_kept | torch.isfinite(visual_lse)).expand(visual_lse.shape)
-
-
-def _check(q: torch.Tensor, span: JointLayout) -> None:
-    if q.ndim != 4 or q.shape[2] != span.length:
-        raise ValueError(f"q must be (B, H, N, D) with N = {span.length}, got {tuple(q.shape)}")
-    if span.text_tokens == span.length:
-        raise ValueError("the joint sequence holds no image tokens, so there is no image-to-text share")
+    The largest entry is taken out first, so each term is at most 1 and the sum at least 1 where any entry is
+    finite; it and the log are added in float64, where the input's rounding would cost up to half a unit
+    of the LSE's last place.
+    """
+    top = x.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top.squeeze(-1).double() + x.sub_(top).exp_().sum(dim=-1).double().log_()
 
 
 class ShareProbe(NamedTuple):
     """What one attention call says about its image rows, once; any number of gammas read it.
 
-    text_logits: (B, H, R, T) scaled logits to the text keys, before gamma; text_mask: the mask on
-    them, broadcastable (None: no mask); visual_lse: (B, H, R) the visual LSE with its mask; live:
-    (B, H, R) rows with at least one unmasked key.  R: the measured image rows, ``rows`` (indices
-    into the visual rows, see ``probe_rows``).
+    text_logits: (B, H, R, T) the scaled logits to the text keys minus ``text_max`` (float32, or float64 for
+    float64 inputs), before gamma; text_max: (B, H, R) float64, each row's largest masked text logit at gamma
+    1 (0 where every text key is masked); text_mask: the additive mask on the text keys, broadcastable to
+    text_logits (None: no mask); visual_lse: (B, H, R) float64 the visual LSE with its mask; live: (B, H, R)
+    rows with at least one unmasked key.  R: the measured image rows, ``rows`` (indices into the visual rows,
+    see ``probe_rows``).  With no mask every text logit minus its row's largest is at most 0, so a gamma
+    > 0 needs no further shift: the largest term of the text sum is 1.
     """
 
     text_logits: torch.Tensor
+    text_max: torch.Tensor
     text_mask: Optional[torch.Tensor]
     visual_lse: torch.Tensor
     live: torch.Tensor
@@ -175,35 +216,74 @@ class ShareProbe(NamedTuple):
                 chunk: Optional[int] = None) -> "ShareProbe":
         """Run the gamma-independent part over the image rows ``probe_rows`` picks.
 
-        Memory: B x H x R x T float64 for the text logits kept; the visual logits only ever exist
-        one chunk of ``chunk`` rows at a time (None: about ``CHUNK_ELEMENTS`` logits a chunk).
+        q: (B, H, N, D); k: (B, H_kv, N, D), H_kv dividing H (query head h reads key head h // (H / H_kv));
+        ``mask``: additive or boolean (True keeps), in ComfyUI's shapes (any dim possibly 1), added to the
+        logits after gamma; ``scale``: the softmax scale (None: 1/sqrt(D)).
+
+        Memory: B x H x R x T logits kept.  On a CPU the visual logits are never held (the fused attention
+        kernel returns each row's LSE); elsewhere, and where a mask must be made additive, ``chunk`` rows at
+        a time (None: about ``CHUNK_ELEMENTS`` elements a chunk).
         """
-        _check(q, span)
-        positions = visual_positions(span, q.device)
-        rows = probe_rows(positions.numel(), max_rows).to(q.device)
-        parts = list(_chunks(q, k, span, mask, scale, positions[rows], chunk))
-        text_logits = torch.cat([p.text_logits for p in parts], dim=2)
-        visual_lse = torch.cat([p.visual_lse for p in parts], dim=2)
-        text_mask = parts[0].text_mask
-        if text_mask is not None and len(parts) > 1 and text_mask.shape[2] != 1:
-            text_mask = torch.cat([p.text_mask for p in parts], dim=2)
-        return cls(text_logits, text_mask, visual_lse, _live(text_mask, visual_lse, span.text_tokens), rows)
+        _check(q, k, span)
+        b, h, n, d = q.shape
+        dtype = _compute_dtype(q.dtype)
+        if scale is None:
+            scale = 1.0 / math.sqrt(d)
+        positions = visual_positions(span)  # on the host, so picking rows never waits for the device
+        rows = probe_rows(positions.numel(), max_rows)
+        positions = positions[rows]
+        q_rows = _rows(q, positions, 2)
+        q_rows, k = q_rows.to(dtype), k.to(dtype)
+        mask = None if mask is None else _as_4d(mask).to(q.device)
+
+        visual_lse = _visual_lse(q_rows, k, span, mask, scale, positions, chunk)
+        t, r = span.text_tokens, rows.numel()
+        text_logits = _logits(q_rows, k.narrow(2, span.start, t), scale)
+        text_mask = _key_cols(_mask_rows(mask, positions, n), span.start, span.stop, n)
+        if text_mask is not None:
+            text_mask = _additive(text_mask, dtype)
+        if t == 0:
+            top = torch.full((b, h, r, 1), -math.inf, dtype=dtype, device=q.device)
+        else:
+            top = (text_logits if text_mask is None else text_logits + text_mask).amax(dim=-1, keepdim=True)
+        text_kept = torch.isfinite(top).squeeze(-1)
+        top = torch.where(text_kept[..., None], top, torch.zeros_like(top))
+        text_logits.sub_(top)
+        live = text_kept | torch.isfinite(visual_lse)
+        return cls(text_logits, top.squeeze(-1).double(), text_mask, visual_lse, live, rows.to(q.device))
+
+    def text_lse(self, gamma: float) -> torch.Tensor:
+        """(B, H, R) float64: LSE_{j in T}(gamma * s_ij + m_ij); -inf where every text key is masked."""
+        logits = self.text_logits
+        if logits.shape[-1] == 0:
+            return torch.full(self.visual_lse.shape, -math.inf, dtype=torch.float64, device=logits.device)
+        x = logits * gamma
+        if self.text_mask is None and gamma >= 0:  # every term at most 1, the largest exactly 1
+            return self.text_max * gamma + x.exp_().sum(dim=-1).double().log_()
+        if self.text_mask is not None:
+            x.add_(self.text_mask)
+        return self.text_max * gamma + _lse(x)
 
     def shares(self, gamma: float) -> torch.Tensor:
-        """share_i(gamma) for every measured row, (B, H, R); 0 on rows with every key masked."""
-        return _shares(self.text_logits, self.text_mask, self.visual_lse, self.live, gamma)
+        """share_i(gamma) for every measured row, (B, H, R) float64; 0 on rows with every key masked.
+
+        Fully masked text: share 0; fully masked visual keys: share 1.
+        """
+        share = torch.sigmoid(self.text_lse(gamma) - self.visual_lse)
+        return torch.where(self.live, share, torch.zeros_like(share))
 
     def row_shares(self, gamma: float) -> torch.Tensor:
-        """(B, R): each measured row's share averaged over the heads that attend (as ``text_share_map``)."""
-        return _head_mean(self.shares(gamma), self.live)
+        """(B, R): each measured row's share averaged over the heads that attend (0 where none does)."""
+        return self.shares(gamma).sum(dim=1) / self.live.sum(dim=1).clamp_min(1)
 
     def subset(self, keep: torch.Tensor) -> "ShareProbe":
         """The probe over some of its measured rows (``keep``: indices into them)."""
         mask = self.text_mask
         if mask is not None and mask.shape[2] != 1:
             mask = mask.index_select(2, keep)
-        return ShareProbe(self.text_logits.index_select(2, keep), mask, self.visual_lse.index_select(2, keep),
-                          self.live.index_select(2, keep), self.rows.index_select(0, keep))
+        return ShareProbe(self.text_logits.index_select(2, keep), self.text_max.index_select(2, keep), mask,
+                          self.visual_lse.index_select(2, keep), self.live.index_select(2, keep),
+                          self.rows.index_select(0, keep))
 
     def mean_share(self, gammas: Sequence[float]) -> torch.Tensor:
         """(len(gammas), B) float64: the mean over live image rows and heads, per batch entry.
@@ -214,36 +294,14 @@ class ShareProbe(NamedTuple):
         return torch.stack([self.shares(g).sum(dim=(1, 2)) / count for g in gammas])
 
 
-def text_share(q: torch.Tensor, k: torch.Tensor, span: JointLayout, gammas: Sequence[float],
-               mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-               max_rows: Optional[int] = None, chunk: Optional[int] = None) -> torch.Tensor:
-    """The attention image queries give the text under eq. 10's gamma, (len(gammas), B) float64.
-
-    q: (B, H, N, D); k: (B, H_kv, N, D), H_kv dividing H (query head h reads key head h // (H / H_kv));
-    ``mask``: additive or boolean (True keeps), in ComfyUI's shapes, added to the logits after gamma;
-    ``scale``: the softmax scale (None: 1/sqrt(D)).  Each entry is the mean of share_i(gamma) over
-    heads and image queries, over ``max_rows`` evenly spaced image queries when the image has more
-    (see ``probe_rows``).  The visual LSE is computed once for all gammas.
-    """
-    return ShareProbe.measure(q, k, span, mask, scale, max_rows, chunk).mean_share(gammas)
-
-
-def text_share_map(q: torch.Tensor, k: torch.Tensor, span: JointLayout, gammas: Sequence[float] = (1.0,),
-                   mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                   chunk: Optional[int] = None) -> torch.Tensor:
-    """Per image query, the share averaged over heads: (len(gammas), B, visual rows) float64.
-
-    Every image row, in sequence order, so the last dim reshapes to the latent grid; computed chunk
-    by chunk, nothing larger than one chunk's logits is kept.  Heads with every key masked are left
-    out of a row's mean; a row with none left is 0.  Arguments as in ``text_share``.
-    """
-    _check(q, span)
-    out: List[torch.Tensor] = []
-    for part in _chunks(q, k, span, mask, scale, visual_positions(span, q.device), chunk):
-        live = _live(part.text_mask, part.visual_lse, span.text_tokens)
-        out.append(torch.stack([_head_mean(_shares(part.text_logits, part.text_mask, part.visual_lse, live, g), live)
-                                for g in gammas]))
-    return torch.cat(out, dim=-1)
+def _check(q: torch.Tensor, k: torch.Tensor, span: JointLayout) -> None:
+    if q.ndim != 4 or q.shape[2] != span.length:
+        raise ValueError(f"q must be (B, H, N, D) with N = {span.length}, got {tuple(q.shape)}")
+    if k.ndim != 4 or k.shape[2] != q.shape[2]:
+        raise ValueError(f"queries and keys must share one joint sequence, got {q.shape[2]} and "
+                         f"{k.shape[2] if k.ndim == 4 else tuple(k.shape)} tokens")
+    if span.text_tokens == span.length:
+        raise ValueError("the joint sequence holds no image tokens, so there is no image-to-text share")
 
 
 class AdaptiveGamma(NamedTuple):
@@ -251,83 +309,155 @@ class AdaptiveGamma(NamedTuple):
     share: float  # the mean image-to-text share at that gamma (mean over batch entries)
 
 
-# Grid points over [1, gamma_max] before the refinement: fine enough that share(gamma) crosses the
-# target at most once, or has at most one peak, between neighbours on any real attention call.
-GRID_POINTS = 65
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+# max |sigma''| = max |s (1 - s)(1 - 2 s)|, at s = 1/2 -+ 1/(2 sqrt 3).
+_SIGMOID_CURVATURE = 1.0 / (6.0 * math.sqrt(3.0))
 
 
-def search_gamma(probe: ShareProbe, target: float, gamma_max: float, tol: float = 1e-4,
-                 grid_points: int = GRID_POINTS) -> AdaptiveGamma:
-    """``adaptive_gamma`` on an already measured probe; see there."""
+class _Point(NamedTuple):
+    gamma: float
+    share: float
+    row_f: torch.Tensor  # per row f_i = LSE_T(gamma) - LSE_V, 0 where the row does not count
+
+
+class _Search:
+    """share(gamma) = sum_i w_i sigmoid(f_i(gamma)), each f_i convex in gamma, with bounds over an interval.
+
+    f_i(gamma) = LSE_{j in T}(gamma s_ij + m_ij) - LSE_V is a log-sum-exp of functions linear in gamma, so on
+    [a, b] it lies below its chord l_i, and as sigmoid rises, share <= g = sum_i w_i sigmoid(l_i) there, with
+    g(a) = share(a), g(b) = share(b) and |g''| <= K = max|sigma''| sum_i w_i slope_i^2.  Upper bounds of share on
+    [a, b] from that: each row at the larger end; g's linear interpolation plus K (gamma - a)(b - gamma) / 2; a
+    second-order Taylor bound from either end.  Weights w_i: 1 / (B x live rows of the entry) on live rows.
+    """
+
+    def __init__(self, probe: ShareProbe):
+        self.probe = probe
+        count = probe.live.sum(dim=(1, 2), keepdim=True).clamp_min(1).double()
+        self.weight = probe.live.double() / (count * probe.live.shape[0])
+        self.evaluations = 0
+
+    def point(self, gamma: float) -> _Point:
+        self.evaluations += 1
+        f = self.probe.text_lse(gamma) - self.probe.visual_lse
+        f = torch.where(self.probe.live, f, torch.zeros_like(f))  # off rows: NaN (every key masked) made 0
+        return _Point(gamma, float((self.weight * torch.sigmoid(f)).sum()), f)
+
+    def upper_bound(self, a: _Point, b: _Point) -> float:
+        """An upper bound of share on [a, b]."""
+        width = b.gamma - a.gamma
+        slope = (b.row_f - a.row_f) / width
+        slope = torch.where(torch.isfinite(slope), slope, torch.zeros_like(slope))  # +-inf rows are constant
+        at_a, at_b = torch.sigmoid(a.row_f), torch.sigmoid(b.row_f)
+        w = self.weight
+        stats = torch.stack([(w * torch.maximum(at_a, at_b)).sum(), (w * slope * slope).sum(),
+                             (w * at_a * (1 - at_a) * slope).sum(), (w * at_b * (1 - at_b) * slope).sum()])
+        each_row_at_best, mean_square_slope, g_a, g_b = stats.tolist()
+        curvature = _SIGMOID_CURVATURE * mean_square_slope
+        bend = 0.5 * curvature * width * width
+        rise = b.share - a.share
+        # s_a + rise t + bend t (1 - t) over t in [0, 1]
+        t = min(1.0, max(0.0, 0.5 * (1.0 + rise / bend))) if bend > 0 else (1.0 if rise > 0 else 0.0)
+        interpolated = a.share + rise * t + bend * t * (1.0 - t)
+        from_b = b.share + max(0.0, -g_b * width + bend)
+        from_a = a.share + max(0.0, g_a * width + bend)
+        return min(each_row_at_best, interpolated, from_a, from_b)
+
+
+def _crossing_estimate(a: _Point, b: _Point, older: Optional[_Point], target: float) -> float:
+    """Where share crosses the target between a and b: inverse quadratic interpolation through a, b and the
+    point a bracket end replaced last, where it lands inside; else the secant through a and b."""
+    if older is not None:
+        (ga, sa), (gb, sb), (gc, sc) = (a.gamma, a.share), (b.gamma, b.share), (older.gamma, older.share)
+        if sa != sc and sb != sc:
+            guess = (ga * (target - sb) * (target - sc) / ((sa - sb) * (sa - sc))
+                     + gb * (target - sa) * (target - sc) / ((sb - sa) * (sb - sc))
+                     + gc * (target - sa) * (target - sb) / ((sc - sa) * (sc - sb)))
+            if ga < guess < gb:
+                return guess
+    return a.gamma + (b.gamma - a.gamma) * (target - a.share) / (b.share - a.share)
+
+
+def search_gamma(probe: ShareProbe, target: float, gamma_max: float, tol: float = 1e-4) -> AdaptiveGamma:
+    """The gamma in [1, gamma_max] whose mean image-to-text share on ``probe`` comes closest to ``target``.
+
+    The share is ``probe.mean_share`` averaged over batch entries.  If it reaches the target at gamma 1, gamma
+    is 1.  Else the smallest gamma where it reaches the target, within ``tol`` of it (the closer of the two
+    ends of the last bracket, by share); if it never does, the gamma of the largest share, within ``tol``.
+
+    share(gamma) need not be monotonic (image queries whose text logits are negative give the text less as
+    gamma grows), so the search does not trust a bisection of the whole interval; nor does it sample a grid
+    and hope nothing happens between its points.  Each row's log-odds f_i(gamma) is convex in gamma, which
+    bounds the share between two measured gammas from above (``_Search``): an interval whose bound stays
+    below the target cannot hold a crossing and is dropped, any other is split, left to right, so the first
+    crossing is never missed, however narrow.  Inside the first interval that ends at or above the target,
+    inverse quadratic interpolation (bisection where it is slow) narrows the crossing to ``tol``, each point
+    below the target checked by the bound for an earlier crossing.  With no crossing, intervals whose bound
+    is below the best share found are dropped and the rest split until ``tol`` wide.  Each gamma tried costs
+    one B x H x rows x T pass; a smooth share takes about 6 (1, gamma_max, then the interpolation).
+    """
     if gamma_max < 1.0:
         raise ValueError(f"gamma_max must be at least 1, got {gamma_max}")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    search = _Search(probe)
+    one = search.point(1.0)
+    if one.share >= target or gamma_max == 1.0:
+        return AdaptiveGamma(1.0, one.share)
+    cleared: List[Tuple[_Point, _Point]] = []  # intervals without a crossing, for the largest share
 
-    def share(gamma: float) -> float:
-        return float(probe.mean_share([gamma]).mean())
+    def closer(a: _Point, b: _Point) -> AdaptiveGamma:
+        best = a if target - a.share < b.share - target else b
+        return AdaptiveGamma(best.gamma, best.share)
 
-    at_one = share(1.0)
-    if at_one >= target or gamma_max == 1.0:
-        return AdaptiveGamma(1.0, at_one)
-    grid = torch.linspace(1.0, gamma_max, max(2, grid_points), dtype=torch.float64).tolist()
-    shares = probe.mean_share(grid).mean(dim=1).tolist()
-    shares[0] = at_one
-    # share(gamma) need not be monotonic (negative text logits fall further when scaled), so no
-    # bisection over the whole interval: the first grid cell where the share reaches the target,
-    # bisected inside; else the best grid point, refined by golden section around it.
-    for i in range(1, len(grid)):
-        if shares[i] >= target:
-            lo, hi, at_lo, at_hi = grid[i - 1], grid[i], shares[i - 1], shares[i]
-            while hi - lo > tol:
-                mid = 0.5 * (lo + hi)
-                at_mid = share(mid)
-                if at_mid >= target:
-                    hi, at_hi = mid, at_mid
-                else:
-                    lo, at_lo = mid, at_mid
-            return AdaptiveGamma(lo, at_lo) if target - at_lo < at_hi - target else AdaptiveGamma(hi, at_hi)
+    def first_crossing(a: _Point, b: _Point) -> Optional[AdaptiveGamma]:
+        """The first crossing in (a, b] (share(a) below the target), or None if there is none."""
+        pending = [(a, b)]  # the leftmost last
+        while pending:
+            a, b = pending.pop()
+            if b.share >= target:
+                return bracketed(a, b)
+            if b.gamma - a.gamma <= tol or search.upper_bound(a, b) < target:
+                cleared.append((a, b))
+                continue
+            m = search.point(0.5 * (a.gamma + b.gamma))
+            pending += [(m, b), (a, m)]
+        return None
+
+    def bracketed(a: _Point, b: _Point) -> AdaptiveGamma:
+        """share(a) < target <= share(b), no crossing at or before a: the crossing in (a, b], to ``tol``."""
+        last, older, widths = 0, None, [b.gamma - a.gamma]  # which end moved last (-1 a, +1 b); the end it replaced
+        while b.gamma - a.gamma > tol:
+            width = b.gamma - a.gamma
+            guess = _crossing_estimate(a, b, older, target)
+            if len(widths) >= 3 and width > 0.5 * widths[-3]:
+                guess = a.gamma + 0.5 * width  # slow: bisect
+            # Aimed a third of the tolerance past the estimate, away from the end that moved last: once the
+            # estimate is that close, the point lands on the other side and the bracket closes.
+            m = search.point(min(b.gamma - 0.25 * tol, max(a.gamma + 0.25 * tol, guess - tol * last / 3.0)))
+            if m.share >= target:
+                older, b, last = b, m, 1
+            else:
+                earlier = first_crossing(a, m)  # a crossing between a and m that the estimate jumped over?
+                if earlier is not None:
+                    return earlier
+                older, a, last = a, m, -1
+            widths.append(b.gamma - a.gamma)
+        return closer(a, b)
+
+    found = first_crossing(one, search.point(gamma_max))
+    if found is not None:
+        return found
     # The target is out of reach: the share closest to it is the largest one.
-    best = max(range(len(grid)), key=lambda i: shares[i])
-    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-    at_c, at_d = share(c), share(d)
-    while b - a > tol:
-        if at_c >= at_d:
-            b, d, at_d = d, c, at_c
-            c = b - _GOLDEN * (b - a)
-            at_c = share(c)
-        else:
-            a, c, at_c = c, d, at_d
-            d = a + _GOLDEN * (b - a)
-            at_d = share(d)
-    found = [(grid[best], shares[best]), (c, at_c), (d, at_d)]
-    gamma, achieved = min(found, key=lambda pair: abs(pair[1] - target))
-    return AdaptiveGamma(gamma, achieved)
-
-
-def adaptive_gamma(q: torch.Tensor, k: torch.Tensor, span: JointLayout, target: float, gamma_max: float,
-                   mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                   max_rows: Optional[int] = None, tol: float = 1e-4,
-                   chunk: Optional[int] = None) -> AdaptiveGamma:
-    """The gamma in [1, gamma_max] whose image-to-text share comes closest to ``target``.
-
-    The share is ``text_share`` averaged over batch entries.  If it already reaches the target at
-    gamma 1, gamma is 1.  share(gamma) is not monotonic in general (image queries whose text logits
-    are negative give the text less as gamma grows), so the search does not bisect the interval:
-    a grid of ``GRID_POINTS`` gammas over [1, gamma_max], then
-
-    * if the share reaches the target somewhere on the grid: bisection inside the first grid cell
-      where it does, so the result is the smallest gamma reaching the target, within ``tol`` of it
-      (a gamma within ``tol`` of a crossing of the target: |share - target| <= tol * |d share / d gamma|);
-    * else (the target is out of reach): golden-section search for the largest share in the two grid
-      cells around the best grid point, gamma within ``tol`` of that peak.
-
-    A crossing or a peak narrower than one grid cell, (gamma_max - 1) / (GRID_POINTS - 1), can be
-    missed.  The
-    visual LSE is computed once; each gamma tried costs one B x H x rows x T pass.  Arguments as in
-    ``text_share``.
-    """
-    probe = ShareProbe.measure(q, k, span, mask, scale, max_rows, chunk)
-    return search_gamma(probe, target, gamma_max, tol)
+    best = max((p for cell in cleared for p in cell), key=lambda p: p.share)
+    queue = [(-search.upper_bound(a, b), i, a, b) for i, (a, b) in enumerate(cleared)]
+    heapq.heapify(queue)
+    order = len(queue)
+    while queue:
+        bound, _, a, b = heapq.heappop(queue)
+        if -bound <= best.share or b.gamma - a.gamma <= tol:
+            continue
+        m = search.point(0.5 * (a.gamma + b.gamma))
+        best = max(best, m, key=lambda p: p.share)
+        for cell in ((a, m), (m, b)):
+            heapq.heappush(queue, (-search.upper_bound(*cell), order, *cell))
+            order += 1
+    return AdaptiveGamma(best.gamma, best.share)
