@@ -175,12 +175,24 @@ def fetch_image(server: ComfyServer, history: Dict[str, Any], node_id: str):
         return Image.open(io.BytesIO(r.read())).convert("RGB")
 
 
+PROBE_TEXT_ID = "taca-probe-json"
+
+
+def show_probe_json(prompt: Dict[str, Any]) -> None:
+    """Add to the prompt a core Preview as Text node on the TACA Probe Report's json output, as a user would to
+    read the numbers (the report node itself shows its plot)."""
+    report_id = next((k for k, v in prompt.items() if v["class_type"] == "TACAProbeReport"), None)
+    if report_id is not None:
+        prompt[PROBE_TEXT_ID] = {"class_type": "PreviewAny", "inputs": {"source": [report_id, 1]},
+                                 "_meta": {"title": "TACA probe numbers"}}
+
+
 def fetch_probe(server: ComfyServer, history: Dict[str, Any], prompt: Dict[str, Any]):
     """(plot, measurements) of the workflow's TACA Probe Report, or None when it has none."""
     report_id = next((k for k, v in prompt.items() if v["class_type"] == "TACAProbeReport"), None)
-    if report_id is None or report_id not in history["outputs"]:
+    if report_id is None or report_id not in history["outputs"] or PROBE_TEXT_ID not in history["outputs"]:
         return None
-    return fetch_image(server, history, report_id), json.loads(history["outputs"][report_id]["taca_probe"][0])
+    return fetch_image(server, history, report_id), json.loads(history["outputs"][PROBE_TEXT_ID]["text"][0])
 
 
 def mean_shares(data: Dict[str, Any]) -> Tuple[float, float]:
@@ -243,6 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 server.start()
                 object_info = server.get("/object_info")
                 prompt = workflows.ui_to_api(workflow, object_info)
+                show_probe_json(prompt)
                 titles = {k: v["_meta"]["title"] for k, v in prompt.items()}
                 print(f"[demo] running {name} ({len(prompt)} nodes)")
                 t0 = time.perf_counter()

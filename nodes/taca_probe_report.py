@@ -61,6 +61,4 @@ class TACAProbeReport(io.ComfyNode):
         data = run.as_json()
         text = json.dumps(data)
         image = plot_tensor(data)
-        shown = ui.PreviewImage(image, cls=cls).as_dict()
-        shown["taca_probe"] = [text]
-        return io.NodeOutput(image, text, ui=shown)
+        return io.NodeOutput(image, text, ui=ui.PreviewImage(image, cls=cls))
