@@ -9,9 +9,9 @@ of its softmax, with logits s_ij = scale * q_i.k_j, the additive mask m_ij added
 scaling (a boolean mask keeps where True) and V the visual keys.  The paper's diagnosis (sec. 3) is
 that this share is small when image tokens outnumber text tokens; gamma > 1 raises it.
 
-``ShareProbe.measure`` does the gamma-independent part once: the visual LSE of every measured row
-(never holding the rows x visual logits on a CPU: the fused attention kernel returns it) and the
-rows x T text logits.  Every gamma after that is one rows x T pass.  The logits are computed in the
+``ShareProbe.measure`` does the gamma-independent part once, a chunk of rows at a time: one matmul to
+every key, the visual LSE and the rows x T text logits kept.  Every gamma after that is one rows x T
+pass.  The logits are computed in the
 inputs' own matmul precision (float32 for float32, float16 and bfloat16 inputs, float64 for float64
 ones); only the LSEs' combination, the sigmoid and the means are float64.  Against a float64 full
 softmax a share is then off by at most about a quarter of the float32 rounding of its logits: up to 2e-8
@@ -30,20 +30,17 @@ import torch
 
 from .attention import JointLayout
 
-# Logit (or mask) elements per chunk of query rows where a chunk is materialised: the visual logits of the
-# unfused path, a mask made additive for the fused kernel.  None: about this many; ``chunk``: that many rows.
-CHUNK_ELEMENTS = 1 << 24
+# Logits per chunk of query rows: the rows x keys logits exist one chunk at a time, small enough to stay in a
+# CPU's last-level cache (16 MiB of float32) while the passes over them run.
+CHUNK_ELEMENTS = 1 << 22
 
-# Image query rows the adaptive gamma measures per joint call (evenly spaced, see ``probe_rows``).  Its error
-# against all rows is a sampling error: on a 64 x 64 token image whose text share varies over a blob, the mean
-# share of 256 evenly spaced rows was off by 0.2 - 0.5 standard errors of a random sample, 1 - 5 % of the
-# share (tests/test_probe.py, ``test_subset_estimate_on_a_large_image``).
+# Image query rows the adaptive gamma measures per joint call (evenly spaced, see ``probe_rows``): few enough that
+# measuring and searching cost about a tenth of an exact TACA call at a FLUX-like shape on a CPU (1024 rows: about
+# half).  Its error against every row is a sampling error: on 10 images of 64 x 64 tokens whose text share varies
+# over a blob, gamma searched in [1, 1.2] for the share halfway, the share (over every row) at the gamma found
+# from 256 rows was within 0.005 of the target, the gamma within 0.045 of the one found from every row; from
+# 1024 rows within 0.0026 and 0.013.
 ADAPTIVE_ROWS = 256
-
-# The fused CPU attention kernel that returns each row's log-sum-exp (so the visual logits never exist), used
-# for float32 logits; None where this torch lacks it.  Tests switch it off to check the unfused path.
-_FUSED_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-USE_FUSED_LSE = True
 
 
 def visual_positions(span: JointLayout, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -117,93 +114,64 @@ def _fold(q_rows: torch.Tensor, h_kv: int) -> torch.Tensor:
     return q_rows if h == h_kv else q_rows.reshape(b, h_kv, (h // h_kv) * r, d)
 
 
-def _fold_mask(mask: torch.Tensor, h: int, h_kv: int) -> torch.Tensor:
-    """A (B|1, H|1, r|1, n) mask on the rows of ``_fold``'s layout."""
-    if h == h_kv:
-        return mask
-    b, mh, r, n = mask.shape
-    if mh == h:
-        return mask.reshape(b, h_kv, (h // h_kv) * r, n)
-    if r == 1:
-        return mask
-    return mask.repeat(1, 1, h // h_kv, 1)  # a head-broadcast mask, once per query head of a key head
+def _logits(q_rows: torch.Tensor, keys: torch.Tensor, scale: float,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """scale * q_rows . keys^T: (B, H, r, D) x (B, H_kv, n, D) -> (B, H, r, n), in one batched matmul.
 
-
-def _logits(q_rows: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * q_rows . keys^T: (B, H, r, D) x (B, H_kv, n, D) -> (B, H, r, n), in one batched matmul."""
+    ``out``: a (B H_kv, (H / H_kv) r, n) buffer to write into (None: a new one).
+    """
     b, h, r, d = q_rows.shape
     h_kv, n = keys.shape[1], keys.shape[2]
     folded = _fold(q_rows, h_kv).reshape(b * h_kv, -1, d)
     ignored = folded.new_zeros(()).expand(b * h_kv, folded.shape[1], n)  # beta 0: only its shape counts
-    out = torch.baddbmm(ignored, folded, keys.reshape(b * h_kv, n, d).transpose(1, 2), beta=0.0, alpha=scale)
+    keys_t = keys.reshape(b * h_kv, n, d).transpose(1, 2)
+    if out is None:
+        out = torch.baddbmm(ignored, folded, keys_t, beta=0.0, alpha=scale)
+    else:
+        torch.baddbmm(ignored, folded, keys_t, beta=0.0, alpha=scale, out=out)
     return out.view(b, h, r, n)
 
 
-def _visual_lse(q_rows: torch.Tensor, k: torch.Tensor, span: JointLayout, mask: Optional[torch.Tensor],
-                scale: float, positions: torch.Tensor, chunk: Optional[int]) -> torch.Tensor:
-    """(B, H, R) float64: LSE over the visual keys of the query rows ``q_rows`` (B, H, R, D) at sequence
-    ``positions``, mask included; -inf where every visual key is masked."""
-    b, h, rows, _ = q_rows.shape
-    h_kv, n = k.shape[1], span.length
-    # float64 inputs stay float64 throughout: the fused kernel's LSE is float32-accurate only.
-    fused = (USE_FUSED_LSE and _FUSED_LSE is not None and q_rows.device.type == "cpu"
-             and q_rows.dtype == torch.float32)
-    if chunk is None:
-        per_row = b * h * max(1, n - span.text_tokens)
-        chunk = rows if fused and mask is None else max(1, CHUNK_ELEMENTS // per_row)
-    out = []
-    for first in range(0, rows, chunk):
-        these = min(chunk, rows - first)
-        q_part = q_rows.narrow(2, first, these)
-        part_mask = None if mask is None else _mask_rows(mask, positions.narrow(0, first, these), n)
-        lse = None
-        for a, stop in span.visual_pieces():
-            keys = k.narrow(2, a, stop - a)
-            cols = _key_cols(part_mask, a, stop, n)
-            if cols is not None:
-                cols = _additive(cols, q_rows.dtype)
-            if fused:
-                folded_cols = None if cols is None else _fold_mask(cols.expand(*cols.shape[:3], stop - a), h, h_kv)
-                piece = _FUSED_LSE(_fold(q_part, h_kv), keys, keys, attn_mask=folded_cols, scale=scale)[1]
-                piece = piece.reshape(b, h, these).double()
-                if cols is not None:  # the kernel gives 0 where every key is masked
-                    cut = (cols == -math.inf).all(dim=-1).expand(b, h, these)
-                    piece = piece.masked_fill(cut, -math.inf)
-            else:
-                logits = _logits(q_part, keys, scale)
-                if cols is not None:
-                    logits.add_(cols)
-                piece = _lse(logits)
-            lse = piece if lse is None else torch.logaddexp(lse, piece)
-        out.append(lse)
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+def _apply_mask(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """Add an additive mask, or cut where a boolean one is False, in place."""
+    if mask is None:
+        return
+    if mask.dtype == torch.bool:
+        logits.masked_fill_(~mask, -math.inf)
+    else:
+        logits.add_(mask)
 
 
-def _lse(x: torch.Tensor) -> torch.Tensor:
-    """float64 LSE over the last dim of ``x`` (overwritten); -inf where every entry is -inf.
+def _lse(*pieces: torch.Tensor) -> torch.Tensor:
+    """float64 LSE over the last dim of ``pieces`` together (each overwritten); -inf where every entry is -inf.
 
     The largest entry is taken out first, so each term is at most 1 and the sum at least 1 where any entry is
-    finite; it and the log are added in float64, where the input's rounding would cost up to half a unit
-    of the LSE's last place.
+    finite; the sum and its log are float64, where the input's rounding would cost up to half a unit in the
+    LSE's last place.
     """
-    top = x.amax(dim=-1, keepdim=True)
+    top = pieces[0].amax(dim=-1, keepdim=True)
+    for piece in pieces[1:]:
+        top = torch.maximum(top, piece.amax(dim=-1, keepdim=True))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return top.squeeze(-1).double() + x.sub_(top).exp_().sum(dim=-1).double().log_()
+    total = sum(piece.sub_(top).exp_().sum(dim=-1).double() for piece in pieces)
+    return top.squeeze(-1).double() + total.log_()
 
 
 class ShareProbe(NamedTuple):
     """What one attention call says about its image rows, once; any number of gammas read it.
 
-    text_logits: (B, H, R, T) the scaled logits to the text keys minus ``text_max`` (float32, or float64 for
-    float64 inputs), before gamma; text_max: (B, H, R) float64, each row's largest masked text logit at gamma
-    1 (0 where every text key is masked); text_mask: the additive mask on the text keys, broadcastable to
-    text_logits (None: no mask); visual_lse: (B, H, R) float64 the visual LSE with its mask; live: (B, H, R)
-    rows with at least one unmasked key.  R: the measured image rows, ``rows`` (indices into the visual rows,
-    see ``probe_rows``).  With no mask every text logit minus its row's largest is at most 0, so a gamma
-    > 0 needs no further shift: the largest term of the text sum is 1.
+    text_logits: the scaled logits to the text keys minus ``text_max`` (float32, or float64 for float64
+    inputs), before gamma, as (B, H, r, T) chunks of consecutive rows: each small enough to come from memory
+    the process already has, where one fresh (B, H, R, T) tensor (50 MB on a FLUX-like call) would cost about
+    as much in page faults as a pass over it.  text_max: (B, H, R) float64, each row's largest masked text
+    logit at gamma 1 (0 where every text key is masked); text_mask: the additive mask on the text keys,
+    broadcastable to (B, H, R, T) (None: no mask); visual_lse: (B, H, R) float64 the visual LSE with its
+    mask; live: (B, H, R) rows with at least one unmasked key.  R: the measured image rows, ``rows`` (indices
+    into the visual rows, see ``probe_rows``).  With no mask every text logit minus its row's largest is at
+    most 0, so a gamma >= 0 needs no further shift: the largest term of the text sum is 1.
     """
 
-    text_logits: torch.Tensor
+    text_logits: Tuple[torch.Tensor, ...]
     text_max: torch.Tensor
     text_mask: Optional[torch.Tensor]
     visual_lse: torch.Tensor
@@ -220,49 +188,78 @@ class ShareProbe(NamedTuple):
         ``mask``: additive or boolean (True keeps), in ComfyUI's shapes (any dim possibly 1), added to the
         logits after gamma; ``scale``: the softmax scale (None: 1/sqrt(D)).
 
-        Memory: B x H x R x T logits kept.  On a CPU the visual logits are never held (the fused attention
-        kernel returns each row's LSE); elsewhere, and where a mask must be made additive, ``chunk`` rows at
-        a time (None: about ``CHUNK_ELEMENTS`` elements a chunk).
+        Memory: the B x H x R x T text logits kept, and the logits of ``chunk`` rows (to every key) at a time
+        (None: about ``CHUNK_ELEMENTS`` logits a chunk).
         """
         _check(q, k, span)
         b, h, n, d = q.shape
-        dtype = _compute_dtype(q.dtype)
+        dtype, device = _compute_dtype(q.dtype), q.device
         if scale is None:
             scale = 1.0 / math.sqrt(d)
         positions = visual_positions(span)  # on the host, so picking rows never waits for the device
         rows = probe_rows(positions.numel(), max_rows)
         positions = positions[rows]
-        q_rows = _rows(q, positions, 2)
-        q_rows, k = q_rows.to(dtype), k.to(dtype)
-        mask = None if mask is None else _as_4d(mask).to(q.device)
-
-        visual_lse = _visual_lse(q_rows, k, span, mask, scale, positions, chunk)
-        t, r = span.text_tokens, rows.numel()
-        text_logits = _logits(q_rows, k.narrow(2, span.start, t), scale)
+        r, t, h_kv = rows.numel(), span.text_tokens, k.shape[1]
+        k = k.to(dtype)
+        mask = None if mask is None else _as_4d(mask).to(device)
         text_mask = _key_cols(_mask_rows(mask, positions, n), span.start, span.stop, n)
         if text_mask is not None:
             text_mask = _additive(text_mask, dtype)
-        if t == 0:
-            top = torch.full((b, h, r, 1), -math.inf, dtype=dtype, device=q.device)
-        else:
-            top = (text_logits if text_mask is None else text_logits + text_mask).amax(dim=-1, keepdim=True)
-        text_kept = torch.isfinite(top).squeeze(-1)
-        top = torch.where(text_kept[..., None], top, torch.zeros_like(top))
-        text_logits.sub_(top)
+        text_logits: List[torch.Tensor] = []
+        text_max = torch.full((b, h, r, 1), -math.inf, dtype=dtype, device=device)
+        visual_lse = torch.empty((b, h, r), dtype=torch.float64, device=device)
+        if chunk is None:
+            chunk = max(1, CHUNK_ELEMENTS // (b * h * n))
+        buffer = None  # one chunk's logits, reused
+        for first in range(0, r, chunk):
+            these = min(chunk, r - first)
+            at = positions.narrow(0, first, these)
+            if these == chunk and buffer is None:
+                buffer = torch.empty((b * h_kv, (h // h_kv) * chunk, n), dtype=dtype, device=device)
+            logits = _logits(_rows(q, at, 2).to(dtype), k, scale, buffer if these == chunk else None)
+            text_logits.append(torch.empty((b, h, these, t), dtype=dtype, device=device))
+            if t:
+                text = logits.narrow(-1, span.start, t)
+                text_part_mask = text_mask
+                if text_mask is not None and text_mask.shape[2] != 1:
+                    text_part_mask = text_mask.narrow(2, first, these)
+                top = (text if text_part_mask is None else text + text_part_mask).amax(dim=-1, keepdim=True)
+                text_max.narrow(2, first, these).copy_(top)
+                top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                torch.sub(text, top, out=text_logits[-1])
+            part_mask = None if mask is None else _mask_rows(mask, at, n)
+            pieces = []
+            for a, stop in span.visual_pieces():
+                piece = logits.narrow(-1, a, stop - a)
+                _apply_mask(piece, _key_cols(part_mask, a, stop, n))
+                pieces.append(piece)
+            visual_lse.narrow(2, first, these).copy_(_lse(*pieces))
+        text_kept = torch.isfinite(text_max).squeeze(-1)
+        text_max = torch.where(text_kept, text_max.squeeze(-1), torch.zeros_like(visual_lse, dtype=dtype))
         live = text_kept | torch.isfinite(visual_lse)
-        return cls(text_logits, top.squeeze(-1).double(), text_mask, visual_lse, live, rows.to(q.device))
+        return cls(tuple(text_logits), text_max.double(), text_mask, visual_lse, live, rows.to(device))
 
     def text_lse(self, gamma: float) -> torch.Tensor:
         """(B, H, R) float64: LSE_{j in T}(gamma * s_ij + m_ij); -inf where every text key is masked."""
-        logits = self.text_logits
-        if logits.shape[-1] == 0:
-            return torch.full(self.visual_lse.shape, -math.inf, dtype=torch.float64, device=logits.device)
-        x = logits * gamma
-        if self.text_mask is None and gamma >= 0:  # every term at most 1, the largest exactly 1
-            return self.text_max * gamma + x.exp_().sum(dim=-1).double().log_()
-        if self.text_mask is not None:
-            x.add_(self.text_mask)
-        return self.text_max * gamma + _lse(x)
+        chunks, mask = self.text_logits, self.text_mask
+        if chunks[0].shape[-1] == 0:
+            return torch.full(self.visual_lse.shape, -math.inf, dtype=torch.float64, device=chunks[0].device)
+        if mask is not None or gamma < 0:
+            parts, first = [], 0
+            for logits in chunks:
+                these = logits.shape[2]
+                x = logits * gamma
+                _apply_mask(x, mask if mask is None or mask.shape[2] == 1 else mask.narrow(2, first, these))
+                parts.append(_lse(x))
+                first += these
+            return self.text_max * gamma + torch.cat(parts, dim=2)
+        # Every term at most 1, the largest exactly 1: no shift needed.  A chunk's pass stays in cache.
+        scratch = torch.empty(max(c.numel() for c in chunks), dtype=chunks[0].dtype, device=chunks[0].device)
+        sums = []
+        for logits in chunks:
+            x = torch.mul(logits, gamma, out=scratch.narrow(0, 0, logits.numel()).view(logits.shape)).exp_()
+            sums.append(x.sum(dim=-1))
+        return self.text_max * gamma + torch.cat(sums, dim=2).double().log_()
 
     def shares(self, gamma: float) -> torch.Tensor:
         """share_i(gamma) for every measured row, (B, H, R) float64; 0 on rows with every key masked.
@@ -281,7 +278,9 @@ class ShareProbe(NamedTuple):
         mask = self.text_mask
         if mask is not None and mask.shape[2] != 1:
             mask = mask.index_select(2, keep)
-        return ShareProbe(self.text_logits.index_select(2, keep), self.text_max.index_select(2, keep), mask,
+        logits = torch.cat(self.text_logits, dim=2).index_select(2, keep)
+        step = max(c.shape[2] for c in self.text_logits)
+        return ShareProbe(logits.split(step, dim=2), self.text_max.index_select(2, keep), mask,
                           self.visual_lse.index_select(2, keep), self.live.index_select(2, keep),
                           self.rows.index_select(0, keep))
 

@@ -2,7 +2,7 @@
 
 The probe computes its logits in the inputs' matmul precision (float32 for float32 and bfloat16 inputs) and
 only the last steps in float64, so against the float64 full softmax of the same inputs it is within float32
-rounding, not equal; both its paths are checked: the fused CPU kernel's LSE and the chunked matmul.
+rounding, not equal.
 """
 
 import math
@@ -26,12 +26,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=["fused", "matmul"])
-def lse_path(request, monkeypatch):
-    """Both ways to the visual LSE: the fused CPU attention kernel, and chunks of explicit logits."""
-    if request.param == "fused" and probe._FUSED_LSE is None:
-        pytest.skip("this torch has no fused CPU attention kernel returning the LSE")
-    monkeypatch.setattr(probe, "USE_FUSED_LSE", request.param == "fused")
+@pytest.fixture(params=["one_chunk", "row_by_row"])
+def chunks(request, monkeypatch):
+    """The logits in one chunk, and one row at a time (and every gamma's pass a row of heads at a time)."""
+    if request.param == "row_by_row":
+        monkeypatch.setattr(probe, "CHUNK_ELEMENTS", 16)
     return request.param
 
 
@@ -190,7 +189,7 @@ CASES = ["plain", "additive_with_inf", "bool", "key_padding", "shared_2d", "gqa_
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("order", list(SPANS))
-def test_text_share_matches_brute_force(order, case, lse_path):
+def test_text_share_matches_brute_force(order, case, chunks):
     span = SPANS[order]
     q, k, mask, scale = case_inputs(case)
     ref = brute_force_mean(q, k, span, GAMMAS, mask, scale)
@@ -209,7 +208,7 @@ def test_text_share_matches_brute_force(order, case, lse_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("case", ["plain", "bool", "additive_with_inf", "gqa_bool_3d"])
-def test_text_share_in_each_input_dtype(case, dtype, lse_path):
+def test_text_share_in_each_input_dtype(case, dtype, chunks):
     """bf16 and fp16 inputs: float32 logits of the very values given; float64 inputs: float64 throughout."""
     span = SPANS["text_middle"]
     q, k, mask, scale = case_inputs(case)
@@ -218,18 +217,18 @@ def test_text_share_in_each_input_dtype(case, dtype, lse_path):
         mask = mask.to(dtype)
     ref = brute_force_mean(q, k, span, GAMMAS, mask, scale)
     measured = probe.ShareProbe.measure(q, k, span, mask, scale)
-    assert measured.text_logits.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    # Measured: float64 inputs 1.7e-16, bf16 and fp16 ones 6e-8.
+    assert measured.text_logits[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Measured: float64 inputs 2.2e-16, bf16 ones 8e-8, fp16 ones 1.0e-7.
     assert (measured.mean_share(GAMMAS) - ref).abs().max() <= (1e-12 if dtype == torch.float64 else TOL)
     row_ref = brute_force_map(q, k, span, GAMMAS[1:2], mask, scale)[0]
     assert (measured.row_shares(GAMMAS[1]) - row_ref).abs().max() <= (1e-12 if dtype == torch.float64 else TOL)
 
 
 @pytest.mark.parametrize("order", ["text_first", "text_middle"])
-def test_large_logits_on_many_keys(order, lse_path):
-    """Hundreds of keys (the fused kernel works in blocks of them) and logits above 20, where float32 rounds a
-    logit by up to 8e-6: a share moves by up to about a quarter of that, so here one head's share, and the
-    mean of two, can be off by more than 1e-6; a mean over many rows stays far below."""
+def test_large_logits_on_many_keys(order, chunks):
+    """Hundreds of keys and logits above 20, where float32 rounds a logit by up to 8e-6: a share moves by up to
+    about a quarter of that, so here one head's share, and the mean of two, can be off by more than 1e-6; a
+    mean over many rows stays far below."""
     n_text, n_visual, heads, dim = 77, 700, 2, 64
     n = n_text + n_visual
     span = JointLayout.text_first(n_text, n) if order == "text_first" else JointLayout(300, 300 + n_text, n)
@@ -250,7 +249,7 @@ def test_large_logits_on_many_keys(order, lse_path):
     assert (measured.mean_share(gammas) - shares.mean(dim=(2, 3))).abs().max() <= 1e-7
 
 
-def test_fully_masked_text_visual_keys_and_rows(lse_path):
+def test_fully_masked_text_visual_keys_and_rows(chunks):
     span = SPANS["text_first"]
     q, k = make_qk(N)
     mask = torch.ones(2, 3, N, N, dtype=torch.bool)
@@ -271,7 +270,7 @@ def test_fully_masked_text_visual_keys_and_rows(lse_path):
     assert (text_share(q, k, span, GAMMAS, mask=additive) - out).abs().max() <= 1e-12
 
 
-def test_every_row_masked_is_share_zero(lse_path):
+def test_every_row_masked_is_share_zero(chunks):
     span = SPANS["text_last"]
     q, k = make_qk(N)
     mask = torch.zeros(2, 1, N, N)
@@ -280,7 +279,7 @@ def test_every_row_masked_is_share_zero(lse_path):
     assert (out[:, 0] == 0).all() and (out[:, 1] > 0).all()
 
 
-def test_no_text_tokens_share_zero_and_no_image_refused(lse_path):
+def test_no_text_tokens_share_zero_and_no_image_refused(chunks):
     q, k = make_qk(N)
     assert (text_share(q, k, JointLayout.text_first(0, N), GAMMAS) == 0).all()
     with pytest.raises(ValueError, match="no image tokens"):
@@ -300,7 +299,7 @@ def test_probe_rows_evenly_spaced_with_both_ends():
 
 
 @pytest.mark.parametrize("order", ["text_first", "text_middle"])
-def test_subset_rows_are_the_full_measure_on_those_rows(order, lse_path):
+def test_subset_rows_are_the_full_measure_on_those_rows(order, chunks):
     span = SPANS[order]
     q, k, mask, _ = case_inputs("additive_with_inf")
     rows = probe.probe_rows(N_VISUAL, 9)
@@ -344,7 +343,7 @@ def test_subset_estimate_on_a_large_image():
 
 @pytest.mark.parametrize("case", ["plain", "additive_with_inf", "gqa_bool_3d", "key_padding"])
 @pytest.mark.parametrize("reach", ["reachable", "out_of_reach"])
-def test_adaptive_gamma_equals_a_fine_grid_search(case, reach, lse_path):
+def test_adaptive_gamma_equals_a_fine_grid_search(case, reach, chunks):
     span = JointLayout.text_last(4, 16)  # small: the brute force takes the full softmax at thousands of gammas
     q, k, mask, scale = case_inputs(case, n=16)
     gamma_max = 4.0
@@ -365,7 +364,7 @@ def test_adaptive_gamma_equals_a_fine_grid_search(case, reach, lse_path):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_adaptive_gamma_on_a_flux_like_call_in_few_passes(seed, lse_path, monkeypatch):
+def test_adaptive_gamma_on_a_flux_like_call_in_few_passes(seed, chunks, monkeypatch):
     """A call with FLUX's proportions, scaled down (1:2 text to image tokens, 8 heads of 32), TACA's gammas:
     the gamma of a float64 brute force on the same rows, in a handful of rows x text passes."""
     n_text, n_visual, heads, dim = 64, 128, 8, 32
@@ -410,7 +409,7 @@ def closed_form(gamma):
     return 0.5 * (sigmoid(2.0 * gamma - 4.0) + sigmoid(2.0 - gamma))
 
 
-def test_adaptive_gamma_on_a_non_monotonic_share(lse_path):
+def test_adaptive_gamma_on_a_non_monotonic_share(chunks):
     q, k, span = rising_then_falling()
     gamma_max, target = 8.0, 0.56
     shares = text_share(q, k, span, [1.0, 3.0, 4.5, gamma_max], scale=1.0)[:, 0].tolist()
@@ -460,7 +459,7 @@ def test_adaptive_gamma_finds_a_crossing_narrower_than_any_grid_cell():
     assert found.share > 0.99 and start < found.gamma < start + width
 
 
-def test_adaptive_gamma_is_one_when_the_share_already_reaches_the_target(lse_path):
+def test_adaptive_gamma_is_one_when_the_share_already_reaches_the_target(chunks):
     q, k, mask, _ = case_inputs("bool")
     span = SPANS["text_first"]
     at_one = float(text_share(q, k, span, [1.0], mask=mask).mean())
