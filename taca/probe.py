@@ -11,13 +11,12 @@ that this share is small when image tokens outnumber text tokens; gamma > 1 rais
 
 ``ShareProbe.measure`` does the gamma-independent part once, a chunk of rows at a time: one matmul to
 every key, the visual LSE and the rows x T text logits kept.  Every gamma after that is one rows x T
-pass.  The logits are computed in the
-inputs' own matmul precision (float32 for float32, float16 and bfloat16 inputs, float64 for float64
-ones); only the LSEs' combination, the sigmoid and the means are float64.  Against a float64 full
-softmax a share is then off by at most about a quarter of the float32 rounding of its logits: up to 2e-8
-on means and 1.2e-7 per row on the tests' inputs (logits up to about 10), 1.3e-6 for one row and head with
-logits above 20, where float32 rounds a logit by up to 8e-6 (a mean over rows stays near 1e-8).  Nothing in
-this module imports ComfyUI.
+pass.  The logits are computed in the inputs' own matmul precision (float32 for float32, float16 and
+bfloat16 inputs, float64 for float64 ones); only the LSEs' combination, the sigmoid and the means are
+float64.  Against a float64 full softmax a share is then off by at most about a quarter of the float32
+rounding of its logits: up to 2e-8 on means and 1.2e-7 per row on the tests' inputs (logits up to about
+10); 1.3e-6 for one row and head with logits above 20, where float32 rounds a logit by up to 8e-6, while a
+mean over rows stays near 1e-8.  Nothing in this module imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -160,10 +159,8 @@ def _lse(*pieces: torch.Tensor) -> torch.Tensor:
 class ShareProbe(NamedTuple):
     """What one attention call says about its image rows, once; any number of gammas read it.
 
-    text_logits: the scaled logits to the text keys minus ``text_max`` (float32, or float64 for float64
-    inputs), before gamma, as (B, H, r, T) chunks of consecutive rows: each small enough to come from memory
-    the process already has, where one fresh (B, H, R, T) tensor (50 MB on a FLUX-like call) would cost about
-    as much in page faults as a pass over it.  text_max: (B, H, R) float64, each row's largest masked text
+    text_logits: (B, H, R, T) the scaled logits to the text keys minus ``text_max`` (float32, or float64 for
+    float64 inputs), before gamma.  text_max: (B, H, R) float64, each row's largest masked text
     logit at gamma 1 (0 where every text key is masked); text_mask: the additive mask on the text keys,
     broadcastable to (B, H, R, T) (None: no mask); visual_lse: (B, H, R) float64 the visual LSE with its
     mask; live: (B, H, R) rows with at least one unmasked key.  R: the measured image rows, ``rows`` (indices
@@ -171,7 +168,7 @@ class ShareProbe(NamedTuple):
     most 0, so a gamma >= 0 needs no further shift: the largest term of the text sum is 1.
     """
 
-    text_logits: Tuple[torch.Tensor, ...]
+    text_logits: torch.Tensor
     text_max: torch.Tensor
     text_mask: Optional[torch.Tensor]
     visual_lse: torch.Tensor
@@ -205,7 +202,7 @@ class ShareProbe(NamedTuple):
         text_mask = _key_cols(_mask_rows(mask, positions, n), span.start, span.stop, n)
         if text_mask is not None:
             text_mask = _additive(text_mask, dtype)
-        text_logits: List[torch.Tensor] = []
+        text_logits = torch.empty((b, h, r, t), dtype=dtype, device=device)
         text_max = torch.full((b, h, r, 1), -math.inf, dtype=dtype, device=device)
         visual_lse = torch.empty((b, h, r), dtype=torch.float64, device=device)
         if chunk is None:
@@ -217,7 +214,6 @@ class ShareProbe(NamedTuple):
             if these == chunk and buffer is None:
                 buffer = torch.empty((b * h_kv, (h // h_kv) * chunk, n), dtype=dtype, device=device)
             logits = _logits(_rows(q, at, 2).to(dtype), k, scale, buffer if these == chunk else None)
-            text_logits.append(torch.empty((b, h, these, t), dtype=dtype, device=device))
             if t:
                 text = logits.narrow(-1, span.start, t)
                 text_part_mask = text_mask
@@ -226,7 +222,7 @@ class ShareProbe(NamedTuple):
                 top = (text if text_part_mask is None else text + text_part_mask).amax(dim=-1, keepdim=True)
                 text_max.narrow(2, first, these).copy_(top)
                 top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-                torch.sub(text, top, out=text_logits[-1])
+                torch.sub(text, top, out=text_logits.narrow(2, first, these))
             part_mask = None if mask is None else _mask_rows(mask, at, n)
             pieces = []
             for a, stop in span.visual_pieces():
@@ -237,29 +233,28 @@ class ShareProbe(NamedTuple):
         text_kept = torch.isfinite(text_max).squeeze(-1)
         text_max = torch.where(text_kept, text_max.squeeze(-1), torch.zeros_like(visual_lse, dtype=dtype))
         live = text_kept | torch.isfinite(visual_lse)
-        return cls(tuple(text_logits), text_max.double(), text_mask, visual_lse, live, rows.to(device))
+        return cls(text_logits, text_max.double(), text_mask, visual_lse, live, rows.to(device))
 
     def text_lse(self, gamma: float) -> torch.Tensor:
         """(B, H, R) float64: LSE_{j in T}(gamma * s_ij + m_ij); -inf where every text key is masked."""
-        chunks, mask = self.text_logits, self.text_mask
-        if chunks[0].shape[-1] == 0:
-            return torch.full(self.visual_lse.shape, -math.inf, dtype=torch.float64, device=chunks[0].device)
+        logits, mask = self.text_logits, self.text_mask
+        if logits.shape[-1] == 0:
+            return torch.full(self.visual_lse.shape, -math.inf, dtype=torch.float64, device=logits.device)
         if mask is not None or gamma < 0:
-            parts, first = [], 0
-            for logits in chunks:
-                these = logits.shape[2]
-                x = logits * gamma
-                _apply_mask(x, mask if mask is None or mask.shape[2] == 1 else mask.narrow(2, first, these))
-                parts.append(_lse(x))
-                first += these
-            return self.text_max * gamma + torch.cat(parts, dim=2)
-        # Every term at most 1, the largest exactly 1: no shift needed.  A chunk's pass stays in cache.
-        scratch = torch.empty(max(c.numel() for c in chunks), dtype=chunks[0].dtype, device=chunks[0].device)
-        sums = []
-        for logits in chunks:
-            x = torch.mul(logits, gamma, out=scratch.narrow(0, 0, logits.numel()).view(logits.shape)).exp_()
-            sums.append(x.sum(dim=-1))
-        return self.text_max * gamma + torch.cat(sums, dim=2).double().log_()
+            x = logits * gamma
+            _apply_mask(x, mask)
+            return self.text_max * gamma + _lse(x)
+        # Every term at most 1, the largest exactly 1: no shift needed.  In chunks of rows that stay in cache.
+        t = logits.shape[-1]
+        flat = logits.view(-1, t)
+        step = max(1, CHUNK_ELEMENTS // t)
+        scratch = torch.empty((min(step, flat.shape[0]), t), dtype=logits.dtype, device=logits.device)
+        sums = torch.empty(flat.shape[0], dtype=logits.dtype, device=logits.device)
+        for first in range(0, flat.shape[0], step):
+            these = min(step, flat.shape[0] - first)
+            x = torch.mul(flat.narrow(0, first, these), gamma, out=scratch.narrow(0, 0, these)).exp_()
+            torch.sum(x, dim=-1, out=sums.narrow(0, first, these))
+        return self.text_max * gamma + sums.view(self.visual_lse.shape).double().log_()
 
     def shares(self, gamma: float) -> torch.Tensor:
         """share_i(gamma) for every measured row, (B, H, R) float64; 0 on rows with every key masked.
@@ -278,9 +273,7 @@ class ShareProbe(NamedTuple):
         mask = self.text_mask
         if mask is not None and mask.shape[2] != 1:
             mask = mask.index_select(2, keep)
-        logits = torch.cat(self.text_logits, dim=2).index_select(2, keep)
-        step = max(c.shape[2] for c in self.text_logits)
-        return ShareProbe(logits.split(step, dim=2), self.text_max.index_select(2, keep), mask,
+        return ShareProbe(self.text_logits.index_select(2, keep), self.text_max.index_select(2, keep), mask,
                           self.visual_lse.index_select(2, keep), self.live.index_select(2, keep),
                           self.rows.index_select(0, keep))
 

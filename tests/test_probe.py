@@ -217,7 +217,7 @@ def test_text_share_in_each_input_dtype(case, dtype, chunks):
         mask = mask.to(dtype)
     ref = brute_force_mean(q, k, span, GAMMAS, mask, scale)
     measured = probe.ShareProbe.measure(q, k, span, mask, scale)
-    assert measured.text_logits[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert measured.text_logits.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     # Measured: float64 inputs 2.2e-16, bf16 ones 8e-8, fp16 ones 1.0e-7.
     assert (measured.mean_share(GAMMAS) - ref).abs().max() <= (1e-12 if dtype == torch.float64 else TOL)
     row_ref = brute_force_map(q, k, span, GAMMAS[1:2], mask, scale)[0]
