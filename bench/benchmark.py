@@ -25,6 +25,10 @@ Sections
   compile    the patched model under ComfyUI's TorchCompileModel (inductor)
   probe      the TACA Attention Probe: one recorded joint attention call, one recorded model call, and its
              wrappers on a call it does not record
+  share      the share probe's arithmetic (``taca.probe``) on one FLUX-like joint call, on ComfyUI's selected
+             attention and on PyTorch SDPA: a plain call against the call plus a recorded probe (1024 rows,
+             gammas 1 and 1.2), and an exact TACA call against the adaptive one (measure, gamma search,
+             exact); ``--cases "image 4096"`` adds FLUX's 1024 x 1024 image (minutes on a CPU)
 
 ``--smoke`` runs every section at its smallest (one round, 3 sampling steps, one per-call round, a short
 pass-through loop): it checks that each section runs on a runtime, its numbers mean nothing.
@@ -57,6 +61,7 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 
 from devtools import tiny_models as tm  # noqa: E402
 from devtools.host_reads import HostReadCounter  # noqa: E402
+from taca import attention as taca_attention, probe as taca_probe  # noqa: E402
 from taca.attention import JointLayout, assemble_heads_as_tokens  # noqa: E402
 from taca import probe_record  # noqa: E402
 from taca.hooks import CallContext, JointAttentionOverride  # noqa: E402
@@ -584,6 +589,78 @@ def bench_probe(nodes, rounds: int, call_rounds: int = 15, passthrough_calls: in
                      f"call over unpatched; wrappers: {', '.join(keys) or 'none'}"))
 
 
+# ---------------------------------------------------------------- share
+
+# (label, heads, head dim, text tokens, image tokens, dtype, on a CPU only when --cases names it)
+SHARE_CASES = [
+    ("FLUX-like", 24, 128, 512, 1024, torch.float32, False),
+    ("FLUX-like", 24, 128, 512, 1024, torch.bfloat16, False),
+    ("FLUX-like", 24, 128, 512, 4096, torch.float32, True),
+]
+
+
+def share_variants(backend, q, k, v, heads, span, gamma: float = 1.2,
+                   record_rows: int = 1024) -> Tuple[Dict[str, Callable[[], object]], Dict[str, Callable[[], object]]]:
+    """({plain, plain + recorded probe}, {exact, adaptive per row count}) on one joint call in FLUX's layout.
+
+    The recorded probe is what the TACA Attention Probe adds to a call: ``ShareProbe.measure`` over ``record_rows``
+    image rows and the shares at gamma 1 and TACA's.  The adaptive call measures, searches [1, gamma] for the
+    gamma whose share is halfway between the shares at 1 and at gamma (a crossing to find, the search's
+    usual case) and runs eq. 10 at it; exact runs eq. 10 at gamma, both through ``exact_attention_parts``
+    with the caller's K borrowed, as the patch does for a model's own K.
+    """
+    def plain():
+        return backend(q, k, v, heads, skip_reshape=True)
+
+    def recorded():
+        out = plain()
+        taca_probe.ShareProbe.measure(q, k, span, None, None, record_rows).mean_share([1.0, gamma])
+        return out
+
+    def attend(q_, k_, v_, mask):
+        return backend(q_, k_, v_, heads, mask=mask, skip_reshape=True, skip_output_reshape=True)
+
+    def exact(at: float = gamma):
+        policy = taca_attention.KeyPolicy.BORROWED
+        inputs = taca_attention.AttentionInputs(attend, q, k, v, None, span, at, 2, policy)
+        return assemble_heads_as_tokens(taca_attention.exact_attention_parts(inputs), span.length)
+
+    def adaptive(rows: int):
+        ends = taca_probe.ShareProbe.measure(q, k, span, None, None, rows).mean_share([1.0, gamma])
+        target = float(ends.mean())
+
+        def run():
+            probe = taca_probe.ShareProbe.measure(q, k, span, None, None, rows)
+            return exact(taca_probe.search_gamma(probe, target, gamma).gamma)
+        return run
+
+    adaptive_rows = sorted({getattr(taca_probe, "ADAPTIVE_ROWS", 1024), 1024})
+    return ({"plain": plain, f"plain + probe ({record_rows} rows)": recorded},
+            dict({"exact": exact}, **{f"adaptive ({rows} rows)": adaptive(rows) for rows in adaptive_rows}))
+
+
+def bench_share(rounds: int, only: str = "") -> None:
+    """The share probe's cost per joint call, on ComfyUI's selected attention and on PyTorch SDPA; targets: a
+    recorded call at most 1.3x plain, an adaptive one at most 1.2x exact."""
+    backends = [("comfy:" + comfy_attention.optimized_attention.__name__, comfy_attention.optimized_attention)]
+    if comfy_attention.optimized_attention is not comfy_attention.attention_pytorch:
+        backends.append(("pytorch-sdpa", comfy_attention.attention_pytorch))
+    for label, heads, dim, text, image, dtype, opt_in in SHARE_CASES:
+        q, k, v = attention_inputs(heads, dim, text, image, dtype, True)
+        span = JointLayout.text_first(text, text + image)
+        for backend_name, backend in backends:
+            case = f"{label} {heads}x{dim} text {text} image {image} {str(dtype)[6:]} [{backend_name}]"
+            if (only and only not in case) or (opt_in and DEVICE.type == "cpu" and not only):
+                continue
+            recorded, adaptive = share_variants(backend, q, k, v, heads, span)
+            inner = 1 if image > 2048 and DEVICE.type == "cpu" else 2
+            report("share", case, interleaved(recorded, rounds, inner), "plain",
+                   "probe: shares at gamma 1 and 1.2; target at most 1.3x")
+            report("share", case, interleaved(adaptive, rounds, inner), "exact",
+                   f"gamma searched in [1, 1.2]; ADAPTIVE_ROWS {getattr(taca_probe, 'ADAPTIVE_ROWS', None)}; "
+                   "target at most 1.2x")
+
+
 # ---------------------------------------------------------------- main
 
 def runtime_line() -> str:
@@ -600,7 +677,7 @@ def runtime_line() -> str:
 
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile,probe")
+    parser.add_argument("--sections", default="attention,memory,sampling,lora,syncs,compile,probe,share")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per measurement")
     parser.add_argument("--cases", default="", help="only the attention cases whose label contains this text")
     parser.add_argument("--smoke", action="store_true",
@@ -625,6 +702,7 @@ def main(argv: Sequence[str] = ()) -> None:
         "syncs": lambda: bench_syncs(nodes),
         "compile": lambda: bench_compile(nodes, whole_rounds, steps, call_rounds, passthrough_calls),
         "probe": lambda: bench_probe(nodes, rounds, call_rounds, passthrough_calls),
+        "share": lambda: bench_share(rounds, args.cases),
     }
     with torch.inference_mode(False), torch.no_grad():
         for section in sections:
