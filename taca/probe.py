@@ -113,17 +113,16 @@ def _fold(q_rows: torch.Tensor, h_kv: int) -> torch.Tensor:
     return q_rows if h == h_kv else q_rows.reshape(b, h_kv, (h // h_kv) * r, d)
 
 
-def _logits(q_rows: torch.Tensor, keys: torch.Tensor, scale: float,
+def _logits(q_rows: torch.Tensor, keys_t: torch.Tensor, scale: float,
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """scale * q_rows . keys^T: (B, H, r, D) x (B, H_kv, n, D) -> (B, H, r, n), in one batched matmul.
+    """scale * q_rows . keys^T: (B, H, r, D) x keys_t (B H_kv, D, n) -> (B, H, r, n), in one batched matmul.
 
     ``out``: a (B H_kv, (H / H_kv) r, n) buffer to write into (None: a new one).
     """
     b, h, r, d = q_rows.shape
-    h_kv, n = keys.shape[1], keys.shape[2]
+    h_kv, n = keys_t.shape[0] // b, keys_t.shape[2]
     folded = _fold(q_rows, h_kv).reshape(b * h_kv, -1, d)
     ignored = folded.new_zeros(()).expand(b * h_kv, folded.shape[1], n)  # beta 0: only its shape counts
-    keys_t = keys.reshape(b * h_kv, n, d).transpose(1, 2)
     if out is None:
         out = torch.baddbmm(ignored, folded, keys_t, beta=0.0, alpha=scale)
     else:
@@ -145,8 +144,8 @@ def _lse(*pieces: torch.Tensor) -> torch.Tensor:
     """float64 LSE over the last dim of ``pieces`` together (each overwritten); -inf where every entry is -inf.
 
     The largest entry is taken out first, so each term is at most 1 and the sum at least 1 where any entry is
-    finite; the sum and its log are float64, where the input's rounding would cost up to half a unit in the
-    LSE's last place.
+    finite; the log and the largest entry added back are float64 (added in float32 they would round the LSE
+    by up to half a unit in its last place, 1e-6 for an LSE of 20).
     """
     top = pieces[0].amax(dim=-1, keepdim=True)
     for piece in pieces[1:]:
@@ -197,7 +196,8 @@ class ShareProbe(NamedTuple):
         rows = probe_rows(positions.numel(), max_rows)
         positions = positions[rows]
         r, t, h_kv = rows.numel(), span.text_tokens, k.shape[1]
-        k = k.to(dtype)
+        # (B H_kv, D, N): a view of K in its usual layouts; a (B, N, H*D) one, as SD3's, is copied here once.
+        keys_t = k.to(dtype).reshape(b * h_kv, n, d).transpose(1, 2)
         mask = None if mask is None else _as_4d(mask).to(device)
         text_mask = _key_cols(_mask_rows(mask, positions, n), span.start, span.stop, n)
         if text_mask is not None:
@@ -213,7 +213,7 @@ class ShareProbe(NamedTuple):
             at = positions.narrow(0, first, these)
             if these == chunk and buffer is None:
                 buffer = torch.empty((b * h_kv, (h // h_kv) * chunk, n), dtype=dtype, device=device)
-            logits = _logits(_rows(q, at, 2).to(dtype), k, scale, buffer if these == chunk else None)
+            logits = _logits(_rows(q, at, 2).to(dtype), keys_t, scale, buffer if these == chunk else None)
             if t:
                 text = logits.narrow(-1, span.start, t)
                 text_part_mask = text_mask

@@ -178,11 +178,13 @@ def case_inputs(case, n=N):
     elif case == "custom_scale":
         scale = 0.3
     q, k = make_qk(n, heads=heads, kv_heads=kv_heads)
+    if case == "token_major":  # SD3's layout: (B, N, H*D) memory seen as (B, H, N, D), no head stride to fold
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
     return q, k, mask, scale
 
 
 CASES = ["plain", "additive_with_inf", "bool", "key_padding", "shared_2d", "gqa_bool_3d", "gqa_additive_per_head",
-         "custom_scale"]
+         "custom_scale", "token_major"]
 
 
 # ---------------------------------------------------------------- shares
