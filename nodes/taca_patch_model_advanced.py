@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..taca import probe as taca_probe
 from ..taca import settings as taca_settings
 from ..taca.families import joint_calls_summary
 from ..taca.settings import TacaSettings
@@ -69,7 +70,8 @@ class TACAPatchModelAdvanced(io.ComfyNode):
                     max=taca_settings.TARGET_SHARE_MAX, step=0.01,
                     tooltip="Adaptive gamma (0 = off). Per joint call, the gamma in [1, gamma] that brings the mean "
                             "share of attention image tokens give the text closest to this share (0.3 = 30%); 1 where "
-                            "the share is already above it. Measured on up to 1024 image tokens per call, at a cost.",
+                            "the share is already above it. Measured on up to "
+                            f"{taca_probe.ADAPTIVE_ROWS} evenly spaced image tokens per call, at a cost.",
                 ),
                 mode_input(),
             ],

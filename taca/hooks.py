@@ -52,8 +52,6 @@ PROBE_WRAPPER_KEY = "comfyui-taca-probe"  # the TACA Attention Probe's run wrapp
 OVERRIDE_KEY = "optimized_attention_override"
 CONTEXT_KEY = "comfyui-taca.call"  # transformer_options[CONTEXT_KEY]: the model call's CallContext
 RUN_KEY = "comfyui-taca.run"  # transformer_options[RUN_KEY]: the sampling run's RunState
-# Image query rows the adaptive gamma measures per joint call (all of them up to this many): evenly spaced.
-ADAPTIVE_PROBE_ROWS = 1024
 
 _current_call: contextvars.ContextVar[Optional["CallContext"]] = contextvars.ContextVar("comfyui_taca_call",
                                                                                        default=None)
@@ -126,7 +124,7 @@ class CallContext:
             return taca_settings.GAMMA_OFF
         if not settings.adaptive or self.gamma < taca_settings.GAMMA_OFF:
             return self.gamma  # below 1 TACA lowers the share: there is nothing to adapt towards
-        probe = call.share_probe(ADAPTIVE_PROBE_ROWS)
+        probe = call.share_probe(taca_probe.ADAPTIVE_ROWS)
         return taca_probe.search_gamma(probe, settings.target_share, self.gamma).gamma
 
     def outcome(self, batch: Tuple[int, ...]) -> ModelCallOutcome:

@@ -23,7 +23,7 @@ from taca.joint_call import parse_joint_call
 from taca.attention import JointLayout
 from test_families import AVAILABLE, CASES, joint_layout, setup, step
 
-BRUTE_FORCE_TOL = 1e-6  # probe (float64 LSE) vs float64 full softmax, all rows measured
+BRUTE_FORCE_TOL = 1e-6  # probe (float32 logits, float64 sums) vs float64 full softmax, all rows measured
 SUBSET_TOL = 2e-3  # 1024 of 4096 evenly spaced image rows vs all of them (measured below; see the test)
 SPY_KEY = "test-attention-spy"
 
