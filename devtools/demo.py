@@ -1,4 +1,4 @@
-"""The README's first command: a TACA comparison run on a real, headless ComfyUI server.
+"""The README's demo command: a TACA comparison run on a real, headless ComfyUI server.
 
     bash scripts/demo.sh                       # tiny built-in models, CPU, about a minute
     bash scripts/demo.sh --models ~/ComfyUI/models   # your FLUX.1-dev or SD3.5-Medium files

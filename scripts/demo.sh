@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's first command: sets up the runtime if needed, then runs the TACA comparison workflow on a
+# The README's demo command: sets up the runtime if needed, then runs the TACA comparison workflow on a
 # headless ComfyUI (tiny built-in models; --models DIR for your FLUX.1-dev / SD3.5-Medium files).
 # The newest supported ComfyUI by default; --comfyui VERSION (first) picks another.
 set -euo pipefail
