@@ -149,28 +149,27 @@ if [ ! -f "$FRONT/index.html" ]; then
     mv "$FRONT.partial" "$FRONT"
 fi
 
+# Install a Debian package the tests need when running as root with apt-get, else say what to install:
+# apt_install PACKAGE WHAT_FOR.
+apt_install() {
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        log "installing Debian $1 for $2"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+    else
+        log "no root apt-get: install $1 for $2"
+    fi
+}
+
 # A browser for tests/test_browser.py (Playwright drives the system Chromium; `playwright install` is never run).
 CHROMIUM="/usr/bin/chromium"
 if [ ! -x "$CHROMIUM" ] && [ "${TACA_SKIP_BROWSER:-0}" != "1" ]; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-        log "installing Debian chromium for the browser tests"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends chromium >/dev/null
-    else
-        log "no $CHROMIUM and no root apt-get: install chromium for the browser tests (or set TACA_SKIP_BROWSER=1 to skip them)"
-    fi
+    apt_install chromium "the browser tests (or set TACA_SKIP_BROWSER=1 to skip them)"
 fi
 
 # Node.js for tests/test_js_rules.py, which runs the frontend's schedule rules (js/taca_rules.js) against the
 # Python they mirror; that test fails without it.
 if ! command -v node >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-        log "installing Debian nodejs for tests/test_js_rules.py"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends nodejs >/dev/null
-    else
-        log "no node and no root apt-get: install nodejs for tests/test_js_rules.py"
-    fi
+    apt_install nodejs "tests/test_js_rules.py"
 fi
