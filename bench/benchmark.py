@@ -154,9 +154,8 @@ def attention_inputs(heads, dim, text, image, dtype, skip_reshape, seed=0):
 def taca_override(settings: Optional[TacaSettings], span: JointLayout,
                   probe: Optional[probe_record.ProbeCall] = None) -> JointAttentionOverride:
     """The override of one model call inside TACA's window (``settings`` None: the probe alone, gamma 1)."""
-    if settings is None:
-        return JointAttentionOverride(CallContext(1.0, 1.0, None, 1.0, layouts_by_length([span]), probe), None)
-    return JointAttentionOverride(CallContext.for_layouts(settings, [span], probe=probe), None)
+    gamma = 1.0 if settings is None else settings.gamma
+    return JointAttentionOverride(CallContext(1.0, 1.0, settings, gamma, layouts_by_length([span]), probe), None)
 
 
 def attention_variants(backend, q, k, v, heads, mask, skip_reshape, span) -> Dict[str, Callable[[], object]]:

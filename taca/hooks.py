@@ -103,13 +103,6 @@ class CallContext:
         self.other_calls = 0
         self.gammas: List[float] = []  # per joint call, in call order: the gamma it got (1: left untouched)
 
-    @classmethod
-    def for_layouts(cls, settings: TacaSettings, layouts: List[JointLayout], gamma: Optional[float] = None,
-                    probe: Optional[ProbeCall] = None) -> "CallContext":
-        """A context inside TACA's window at ``gamma`` (default: the settings'), for a call of ``layouts``."""
-        gamma = settings.gamma if gamma is None else gamma
-        return cls(1.0, 1.0, settings, gamma, layouts_by_length(layouts), probe)
-
     @property
     def taca_window(self) -> bool:
         """Whether TACA's window holds (the default window on a model without TACA): when the TACA LoRA acts."""

@@ -14,6 +14,7 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from reference import taca_reference
 from taca import hooks, report as taca_report
+from taca.joint_call import layouts_by_length
 
 OVERRIDE_KEY = "optimized_attention_override"
 RUN_SPY_KEY = "test-run-spy"
@@ -63,6 +64,13 @@ class LastRunReport:
 
 def run_report(model) -> LastRunReport:
     return LastRunReport(model)
+
+
+def call_context(settings, layouts, gamma: Optional[float] = None):
+    """The pack's context of one model call inside TACA's window at ``gamma`` (default: the settings'), for a call
+    of the joint ``layouts``, as the model call wrapper makes it."""
+    return hooks.CallContext(1.0, 1.0, settings, settings.gamma if gamma is None else gamma,
+                             layouts_by_length(layouts))
 
 
 def taca(pack_nodes, model, gamma: float = GAMMA, threshold: float = THRESHOLD, mode: str = "exact"):

@@ -22,8 +22,8 @@ import torch
 
 from devtools import tiny_models as tm
 from devtools.sampling import ksample, schedule
-from harness import ReferenceTacaAttention, advanced, installed_override, rel_diff, run_report, taca, with_override
-from taca import hooks
+from harness import (ReferenceTacaAttention, advanced, call_context, installed_override, rel_diff, run_report, taca,
+                     with_override)
 from taca.joint_call import parse_joint_call
 from taca.attention import JointLayout
 from taca.settings import TacaSettings
@@ -279,7 +279,7 @@ def test_adaptive_gamma_equals_a_brute_force_search_on_random_calls(seed):
     cases = set()
     for target in (at_one * 0.8, at_one + 0.05, at_one + 0.2, 0.97):
         settings = TacaSettings(gamma_max, 0.0, "exact", 1.0, "constant", (), min(target, 0.99))
-        context = hooks.CallContext.for_layouts(settings, [span], gamma_max)
+        context = call_context(settings, [span], gamma_max)
         call = parse_joint_call((q, k, v, h), {"mask": mask, "skip_reshape": True}, context.layouts)
         chosen = context.joint_gamma(0, call)
         visual = [i for i in range(n) if not start <= i < start + n_text]

@@ -12,9 +12,10 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfyui_version
 
 from devtools.comfy_runtime import version_key
+from harness import call_context
 from reference import max_row_rel_err, taca_reference
 from taca.attention import JointLayout
-from taca.hooks import OVERRIDE_KEY, CallContext, JointAttentionOverride, passthrough_attention
+from taca.hooks import OVERRIDE_KEY, JointAttentionOverride, passthrough_attention
 from taca.settings import TacaSettings
 
 COMFYUI_VERSION = comfyui_version.__version__
@@ -26,7 +27,7 @@ SPAN = JointLayout.text_first(TEXT, TEXT + VISUAL)
 
 def taca_override(settings, layouts, previous=None):
     """TACA's override of one model call inside its window, on a call of ``layouts``."""
-    return JointAttentionOverride(CallContext.for_layouts(settings, layouts), previous)
+    return JointAttentionOverride(call_context(settings, layouts), previous)
 
 
 def override(mode):
