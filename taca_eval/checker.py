@@ -279,20 +279,6 @@ REVERSED = {"to the left of": "to the right of", "to the right of": "to the left
             "above": "below", "below": "above"}
 
 
-def _prompt(scene: world.Scene) -> str:
-    """The prompt text for a scene's (changed) label, in world's wording."""
-    def article(words: str) -> str:
-        return f"an {words}" if words[0] in "aeiou" else f"a {words}"
-
-    texts = [article(world.phrase(c, s)) for c, s in scene.phrases]
-    if scene.category == "counting":
-        color, shape = scene.phrases[0]
-        return f"{world.NUMBERS[scene.count - 1]} {color} {shape if scene.count == 1 else shape + 's'}"
-    if scene.category == "spatial":
-        return f"{texts[0]} {scene.relation} {texts[1]}"
-    return " and ".join(texts)
-
-
 def _other(options: Sequence[str], current: str, variant: int) -> str:
     """Another option than ``current``, which one chosen by ``variant``."""
     rest = [o for o in options if o != current]
@@ -316,7 +302,8 @@ def mislabel(scene: world.Scene, variant: int = 0) -> world.Scene:
         wrong = dataclasses.replace(scene, count=scene.count + (1 if up else -1))
     else:
         wrong = dataclasses.replace(scene, relation=REVERSED[scene.relation])
-    return dataclasses.replace(wrong, prompt=_prompt(wrong))
+    return dataclasses.replace(wrong, prompt=world.prompt_for(wrong.category, wrong.phrases, wrong.count,
+                                                              wrong.relation))
 
 
 def blur(sigma: float) -> Transform:
