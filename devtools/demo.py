@@ -1,14 +1,18 @@
 """The README's demo command: a TACA comparison run on a real, headless ComfyUI server.
 
-    bash scripts/demo.sh                       # tiny built-in models, CPU, about a minute
+    bash scripts/demo.sh                       # the compositional-world model, CPU, a few minutes
     bash scripts/demo.sh --models ~/ComfyUI/models   # your FLUX.1-dev or SD3.5-Medium files
+    bash scripts/demo.sh --tiny                # the tiny random-weight models (noise; the tests' workflow)
 
-It generates the tiny models if needed (no download), starts ComfyUI on loopback with this pack, submits the
+It writes the model files if needed (no download), starts ComfyUI on loopback with this pack, submits the
 comparison workflow in the API format the frontend produces (``devtools.workflows.ui_to_api`` over the
 server's ``/object_info``), shows progress, stops the server, and writes to ``demo_output/``:
-``taca_compare.png`` (without TACA | with TACA | difference), ``taca_probe.png`` and ``taca_probe.json`` (what the
-TACA Attention Probe measured on the TACA branch: the image-to-text attention share, plain vs TACA) and
-``report.md``.
+``taca_compare.png``, ``taca_probe.png`` and ``taca_probe.json`` (what the TACA Attention Probe measured: the
+image-to-text attention share, plain vs TACA) and ``report.md``.
+
+On the world model the workflow runs once for each category's first held-out prompt (chosen before any image
+was made), and the checker (``taca_eval.checker``) writes its verdict under each image: without TACA | with
+TACA, same seed. On the other models: without TACA | with TACA | difference.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from .comfy_server import ComfyServer, port_in_use
 REPO = comfy_runtime.REPO
 DEFAULT_OUT = os.path.join(REPO, "demo_output")
 TINY_MODELS = os.path.join(comfy_runtime.RUNTIME_HOME, "demo_models")
+WORLD_MODELS = os.path.join(comfy_runtime.RUNTIME_HOME, "world_models")
+WORLD = "world_taca_demo"
 
 # Real-model workflows: (workflow, {folder: [files]} it needs, base-model words for finding the TACA LoRA)
 REAL = [
@@ -57,14 +63,19 @@ def find_file(models_dir: str, folder: str, name: str) -> Optional[str]:
     return None
 
 
-def choose_workflow(models_dir: Optional[str]) -> Tuple[str, Dict[str, Any], Optional[str], List[str]]:
+def choose_workflow(models_dir: Optional[str], tiny: bool = False) -> Tuple[str, Dict[str, Any], Optional[str], List[str]]:
     """(workflow name, UI workflow, models dir, notes)."""
-    if models_dir is None:
+    if models_dir is None and tiny:
         from .demo_models import ensure_demo_models
 
         print("[demo] tiny built-in models:", os.path.relpath(TINY_MODELS, REPO))
         ensure_demo_models(TINY_MODELS)
         return "tiny_taca_demo", workflows.WORKFLOWS["tiny_taca_demo"](), TINY_MODELS, []
+    if models_dir is None:
+        from .world_model import ensure_checkpoint
+
+        print("[demo] the compositional-world model:", os.path.relpath(ensure_checkpoint(WORLD_MODELS), REPO))
+        return WORLD, workflows.WORKFLOWS[WORLD](), WORLD_MODELS, []
     models_dir = os.path.abspath(os.path.expanduser(models_dir))
     if not os.path.isdir(models_dir):
         raise DemoError(f"--models {models_dir}: no such folder")
@@ -230,23 +241,77 @@ def comparison(stitched, spacing: int = 8):
     return out
 
 
+def set_prompt_text(prompt: Dict[str, Any], text: str) -> Dict[str, Any]:
+    """A copy of the API prompt with the positive prompt (the node titled "Prompt") set to ``text``."""
+    out = json.loads(json.dumps(prompt))
+    node = next(v for v in out.values() if v["_meta"]["title"] == "Prompt")
+    node["inputs"]["text"] = text
+    return out
+
+
+def halves(stitched, spacing: int = 8):
+    width = (stitched.width - spacing) // 2
+    return (stitched.crop((0, 0, width, stitched.height)),
+            stitched.crop((width + spacing, 0, 2 * width + spacing, stitched.height)))
+
+
+def verdicts(scenes, images) -> List[Tuple[dict, dict]]:
+    """The checker's result for each (without TACA, with TACA) pair of images."""
+    import numpy as np
+
+    from taca_eval import checker
+
+    return [tuple(checker.score_all(scene, np.asarray(img)) for img in halves(image))
+            for scene, image in zip(scenes, images)]
+
+
+def world_comparison(scenes, images, results, spacing: int = 8):
+    """One column per prompt, without TACA above and with TACA below (same seed), the checker's verdict and
+    what it saw under each image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    side = halves(images[0])[0].width
+    font = ImageFont.load_default(size=13)
+    label, title, caption = 120, 40, 40
+    row_h = side + caption
+    out = Image.new("RGB", (label + len(images) * (side + spacing), title + 2 * row_h), "white")
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(("without\nTACA", "with TACA\n(gamma 1.2)")):
+        draw.multiline_text((6, title + r * row_h + side // 2 - 14), text, fill="black", font=font)
+    for col, (scene, image, pair) in enumerate(zip(scenes, images, results)):
+        x = label + col * (side + spacing)
+        draw.multiline_text((x + 2, 2), f"{scene.category}:\n{scene.prompt}", fill="black", font=font)
+        for row, (panel, result) in enumerate(zip(halves(image), pair)):
+            y = title + row * row_h
+            out.paste(panel, (x, y))
+            ok = result["score"] == 1.0
+            draw.text((x + 2, y + side + 3), f"checker: {'follows' if ok else 'misses'} the prompt",
+                      fill=(0, 120, 0) if ok else (180, 0, 0), font=font)
+            draw.text((x + 2, y + side + 20), f"saw: {result['seen']}"[:40], fill="black", font=font)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=os.environ.get("TACA_MODELS_DIR"),
-                        help="a ComfyUI models folder with FLUX.1-dev or SD3.5-Medium files (default: tiny built-in models)")
+                        help="a ComfyUI models folder with FLUX.1-dev or SD3.5-Medium files (default: the built-in "
+                             "compositional-world model)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random-weight models instead (images are noise)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("TACA_DEMO_PORT", "8199")))
     parser.add_argument("--out", default=DEFAULT_OUT, help="where to write taca_compare.png and report.md")
-    parser.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu for tiny models)")
+    parser.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu for the built-in models)")
     args = parser.parse_args(argv)
     try:
         comfy_runtime.activate(cpu=True)
         if port_in_use(args.port):
             raise DemoError(f"port {args.port} on 127.0.0.1 is already in use (another ComfyUI?). "
                             f"Stop it or choose another port: --port N (or TACA_DEMO_PORT=N).")
-        name, workflow, models_dir, notes = choose_workflow(args.models)
+        name, workflow, models_dir, notes = choose_workflow(args.models, args.tiny)
         for note in notes:
             print("[demo]", note)
+        scenes = workflows.world_demo_scenes() if name == WORLD else [None]
         os.makedirs(args.out, exist_ok=True)
+        runs = []
         with tempfile.TemporaryDirectory(prefix="taca_demo_") as workdir:
             server = ComfyServer(workdir, ("--extra-model-paths-config", write_paths_config(models_dir, workdir)),
                                  port=args.port, cpu=not (args.gpu or args.models))
@@ -254,16 +319,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 server.start()
                 object_info = server.get("/object_info")
-                prompt = workflows.ui_to_api(workflow, object_info)
-                show_probe_json(prompt)
-                titles = {k: v["_meta"]["title"] for k, v in prompt.items()}
-                print(f"[demo] running {name} ({len(prompt)} nodes)")
+                base = workflows.ui_to_api(workflow, object_info)
+                show_probe_json(base)
+                titles = {k: v["_meta"]["title"] for k, v in base.items()}
+                save_id = next(k for k, v in base.items() if v["class_type"] == "SaveImage")
                 t0 = time.perf_counter()
-                result = asyncio.run(run_prompt(server, prompt, titles))
+                for scene in scenes:
+                    prompt = base if scene is None else set_prompt_text(base, scene.prompt)
+                    print(f"[demo] running {name} ({len(prompt)} nodes)" + (f": {scene.prompt}" if scene else ""))
+                    result = asyncio.run(run_prompt(server, prompt, titles))
+                    runs.append((result, fetch_image(server, result["history"], save_id),
+                                 fetch_probe(server, result["history"], prompt)))
                 total = time.perf_counter() - t0
-                save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
-                image = fetch_image(server, result["history"], save_id)
-                probe = fetch_probe(server, result["history"], prompt)
             except Exception:
                 log_tail = server.log()[-3000:] if os.path.exists(server.log_path) else ""
                 if log_tail:
@@ -273,8 +340,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 server.stop()
                 print("[demo] server stopped")
         png = os.path.join(args.out, "taca_compare.png")
-        comparison(image).save(png)
+        images = [image for _, image, _ in runs]
+        checked = verdicts(scenes, images) if name == WORLD else None
+        (world_comparison(scenes, images, checked) if checked else comparison(images[0])).save(png)
         written = [png]
+        probe = runs[0][2]
         if probe is not None:
             probe_png, probe_json = os.path.join(args.out, "taca_probe.png"), os.path.join(args.out, "taca_probe.json")
             probe[0].save(probe_png)
@@ -282,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 json.dump(probe[1], f, indent=1)
             written += [probe_png, probe_json]
             notes = notes + [probe_note(probe[1])]
-        report = make_report(name, prompt, result, total, notes)
+        report = make_report(name, base, [r for r, _, _ in runs], total, notes, scenes, checked)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(report)
         print(report)
@@ -294,13 +364,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
-def make_report(name: str, prompt: Dict[str, Any], result: Dict[str, Any], total: float, notes: List[str]) -> str:
-    per_step = result["per_step"]
+def make_report(name: str, prompt: Dict[str, Any], results: List[Dict[str, Any]], total: float, notes: List[str],
+                scenes=None, checked=None) -> str:
     samplers = {v["_meta"]["title"]: k for k, v in prompt.items() if v["class_type"] == "KSampler"}
-    plain = per_step.get(samplers.get("KSampler (without TACA)"), float("nan"))
-    taca = per_step.get(samplers.get("KSampler (with TACA)"), float("nan"))
     lines = [f"# TACA demo: {name}", ""]
-    for report in result["reports"]:
+    if checked:
+        lines += ["| category | prompt | without TACA | with TACA |", "|---|---|---|---|"]
+        for scene, (plain, taca) in zip(scenes, checked):
+            cell = lambda r: f"{r['score']:g} (saw {r['seen']})"  # noqa: E731
+            lines.append(f"| {scene.category} | {scene.prompt} | {cell(plain)} | {cell(taca)} |")
+        lines += ["", "Checker scores (1 = follows the prompt), one seed per prompt: an illustration, not a "
+                  "measurement; bench/README.md has the scores over 200 prompt x seed pairs per category.", ""]
+    for report in results[0]["reports"]:
         steps = ", ".join(str(s) for s in report["acted_steps"]) or "none"
         lines += [f"- TACA (gamma {report['gamma']:g}, threshold sigma {report['threshold_sigma']:g}, mode "
                   f"{report['mode']}) acted on steps {steps} of {report['steps_total']}: "
@@ -309,10 +384,17 @@ def make_report(name: str, prompt: Dict[str, Any], result: Dict[str, Any], total
                   "in those model calls were left untouched."]
         if report.get("warning"):
             lines.append(f"- Warning: {report['warning']}")
-    lines += [f"- Sampling wall time per step (steps 2 to the last, model loading excluded): without TACA "
-              f"{plain * 1e3:.1f} ms, with TACA + TACA LoRA {taca * 1e3:.1f} ms (ratio {taca / plain:.3f}; one run, "
-              f"so noisy: bench/benchmark.py measures this properly); whole workflow {total:.1f} s including "
-              "server-side model loading."]
+        break  # every sampler with TACA reports the same; one line is enough
+    per_step = lambda title: [r["per_step"][samplers[title]] for r in results  # noqa: E731
+                              if samplers.get(title) in r["per_step"]]
+    plain, taca = per_step("KSampler (without TACA)"), per_step("KSampler (with TACA)")
+    plain_ms = 1e3 * sum(plain) / max(len(plain), 1)
+    taca_ms = 1e3 * sum(taca) / max(len(taca), 1)
+    extra = "" if name == WORLD else " + TACA LoRA + probe"
+    lines += [f"- Sampling wall time per step (steps 2 to the last, model loading excluded, mean of {len(plain)} "
+              f"run(s)): without TACA {plain_ms:.1f} ms, with TACA{extra} {taca_ms:.1f} ms (ratio "
+              f"{taca_ms / plain_ms if plain_ms else float('nan'):.3f}; noisy: bench/benchmark.py measures the cost "
+              f"properly); whole demo {total:.1f} s including server-side model loading."]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -247,7 +246,7 @@ def write_log(log: List[tuple], name: str, columns: List[str]) -> None:
     plt.close(fig)
 
 
-def package(work: str, seed: int, data: dict, out: str) -> str:
+def package(work: str, seed: int, data: dict, out: str, weights: str = "ema") -> str:
     import safetensors.torch
 
     from . import world_model as wm
@@ -255,13 +254,13 @@ def package(work: str, seed: int, data: dict, out: str) -> str:
     dit = torch.load(_paths(work)["dit"])
     dec = torch.load(_paths(work)["decoder"])
     base, _ = wm.new_diffusion_model(seed)
-    base.diffusion_model.load_state_dict(dit["ema"])
+    base.diffusion_model.load_state_dict(dit["ema" if weights == "ema" else "model"])
     state = wm.diffusion_state(base.diffusion_model)
     vae = wm.vae_state(wm.encoder_state(data["weight"], data["bias"]), dec["decoder"])
     state.update({k: v.to(torch.float16).contiguous() for k, v in vae.items()})
     os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = {"comfyui-taca": "compositional-world SD3-shaped model; text encoder: run devtools.world_model",
-            "seed": str(seed), "dit_steps": str(dit["step"]), "decoder_steps": str(dec["step"])}
+            "seed": str(seed), "dit_steps": str(dit["step"]), "decoder_steps": str(dec["step"]), "weights": weights}
     safetensors.torch.save_file(state, out, metadata=meta)
     write_log(dit["log"], "dit_loss", ["step", "mse", "seconds"])
     write_log(dec["log"][::10], "decoder_loss", ["step", "l1"])
@@ -272,11 +271,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("data", "decoder", "dit", "package", "all"))
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=4000, help="diffusion-model steps")
-    parser.add_argument("--decoder-steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=3500, help="diffusion-model steps")
+    parser.add_argument("--decoder-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=WORK)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--weights", choices=("ema", "last"), default="ema",
+                        help="package the EMA of the diffusion model's weights or its last weights")
     parser.add_argument("--scene-scale", type=float, default=1.0, help="fraction of the training scenes (smoke runs)")
     args = parser.parse_args(argv)
     comfy_runtime.activate(cpu=True)
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
     if args.stage in ("dit", "all"):
         train_dit(args.work, seed, args.steps, data)
     if args.stage in ("package", "all"):
-        print(package(args.work, seed, data, args.out or wm.weights_path(REPO)))
+        print(package(args.work, seed, data, args.out or wm.weights_path(REPO), args.weights))
     return 0
 
 

@@ -182,6 +182,48 @@ def tiny_demo() -> Dict[str, Any]:
     return g.to_json()
 
 
+def world_demo_scenes():
+    """The demo's prompts: the first held-out scene of each category of the world, fixed before any image."""
+    from taca_eval import world
+
+    return [world.make_scene(category, 0, "heldout") for category in world.CATEGORIES]
+
+
+def world_demo(prompt: Optional[str] = None) -> Dict[str, Any]:
+    """The demo's trained model: without TACA | with TACA (same seed), and a probed TACA run for the probe's
+    report, so the two compared samplers carry nothing but TACA (the probe costs time of its own)."""
+    from .world_model import CHECKPOINT
+
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], (20, 40), (340, 98))
+    g.add("Note", ["The demo model: a small SD3-shaped MMDiT trained by this project on a world of coloured shapes "
+                   "(devtools/train_world_model.py), written by `bash scripts/demo.sh` (no download). Try its "
+                   "held-out prompts: colour and shape pairs it never saw (a red star, an orange circle, a yellow "
+                   "square, ...), counts (two red stars) and relations (a cyan star above an orange triangle)."],
+          (20, 190), (360, 220), "About this demo")
+    pos = g.add("CLIPTextEncode", [prompt or world_demo_scenes()[0].prompt], (420, 40), (400, 160), "Prompt")
+    g.connect(ckpt, 1, pos, "clip")
+    neg = g.add("CLIPTextEncode", [""], (420, 240), (400, 120), "Negative")
+    g.connect(ckpt, 1, neg, "clip")
+    latent = g.add("EmptySD3LatentImage", [256, 256, 1], (420, 400), (300, 110))
+    taca = g.add("TACAPatchModel", [1.2, 0.97, "exact"], (420, 560), (320, 310))
+    g.connect(ckpt, 0, taca, "model")
+    probe = g.add("TACAAttentionProbe", ["taca_steps", 1024], (420, 910), (320, 106))
+    g.connect(taca, 0, probe, "model")
+    plain = _sampler(g, (ckpt, 0), pos, neg, latent, (860, 40), 30, 4.5, 7, "KSampler (without TACA)")
+    with_taca = _sampler(g, (taca, 0), pos, neg, latent, (860, 340), 30, 4.5, 7, "KSampler (with TACA)")
+    probed = _sampler(g, (probe, 0), pos, neg, latent, (860, 640), 30, 4.5, 7, "KSampler (with TACA, probed)")
+    report = g.add("TACAProbeReport", [], (860, 940), (700, 360))
+    g.connect(probe, 0, report, "model")
+    g.connect(probed, 0, report, "latent")
+    a = _decode(g, plain, (ckpt, 2), (1220, 40))
+    b = _decode(g, with_taca, (ckpt, 2), (1220, 340))
+    st = _stitch(g, a, b, (1480, 140))
+    save = g.add("SaveImage", ["taca/world_demo_compare"], (1800, 140), (420, 300), "Left: without TACA | right: with TACA")
+    g.connect(st, 0, save, "images")
+    return g.to_json()
+
+
 def gamma_sweep() -> Dict[str, Any]:
     """FLUX.1-dev, one seed, gamma 1.0 / 1.15 / 1.2 / 1.25 / 1.3 (Table 5 of the paper), one row of images."""
     g = Graph()
@@ -216,6 +258,7 @@ WORKFLOWS = {
     "sd35_medium_taca_compare": sd35_medium_compare,
     "taca_gamma_sweep": gamma_sweep,
     "tiny_taca_demo": tiny_demo,
+    "world_taca_demo": world_demo,
 }
 
 

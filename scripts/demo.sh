@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo command: sets up the runtime if needed, then runs the TACA comparison workflow on a
-# headless ComfyUI (tiny built-in models; --models DIR for your FLUX.1-dev / SD3.5-Medium files).
+# headless ComfyUI (the built-in compositional-world model; --models DIR for your FLUX.1-dev / SD3.5-Medium
+# files; --tiny for the random-weight test models).
 # The newest supported ComfyUI by default; --comfyui VERSION (first) picks another.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -307,7 +307,7 @@ def test_workflow_templates_list_the_workflows_with_thumbnails(server):
     templates = server.get("/workflow_templates")
     assert sorted(templates.get("comfyui-taca", [])) == sorted(WORKFLOW_NAMES)
     assert set(WORKFLOW_NAMES) == {"tiny_taca_demo", "flux1_dev_taca_compare", "sd35_medium_taca_compare",
-                                   "taca_gamma_sweep"}
+                                   "taca_gamma_sweep", "world_taca_demo"}
     for name in WORKFLOW_NAMES:
         with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-taca/{name}.json", timeout=30) as r:
             assert json.loads(r.read()) == load_json(name)

@@ -30,10 +30,35 @@ def test_workflows_use_the_standard_file_names_and_the_papers_prompts():
     assert gammas == [1.0, 1.15, 1.2, 1.25, 1.3]
 
 
-def test_demo_runs_and_writes_the_comparison_and_the_report(tmp_path):
+def test_world_demo_compares_each_category_with_the_checkers_verdicts(tmp_path):
+    """The README's demo command: the trained world model, one held-out prompt per category, without and with
+    TACA, the checker's verdict under each image, the probe's report, and a timing line of TACA alone."""
+    from taca_eval import world
+
     port = free_port()
     out = tmp_path / "out"
     assert demo.main(["--port", str(port), "--out", str(out)]) == 0
+    image = Image.open(out / "taca_compare.png")
+    assert image.width > 4 * 256 and 2 * 256 < image.height < 3 * 256  # a column per prompt, two rows
+    report = (out / "report.md").read_text()
+    scenes = workflows.world_demo_scenes()
+    assert [s.category for s in scenes] == list(world.CATEGORIES)
+    for scene in scenes:  # one table row per prompt with a score and what the checker saw, for both images
+        row = next(line for line in report.splitlines() if f"| {scene.prompt} |" in line)
+        assert row.count("(saw ") == 2
+    assert "acted on steps 0, 1, 2 of 30" in report  # SD3's shift 3: sigma >= 0.97 on the first 3 of 30
+    timing = next(line for line in report.splitlines() if "Sampling wall time" in line)
+    assert "with TACA " in timing and "LoRA" not in timing and "probe" not in timing
+    probe = json.loads((out / "taca_probe.json").read_text())
+    plain, scaled = demo.mean_shares(probe)  # which way TACA moves the share depends on the model's logits
+    assert 0 < plain < 1 and 0 < scaled < 1 and scaled != plain
+    assert not port_in_use(port)
+
+
+def test_tiny_demo_runs_and_writes_the_comparison_and_the_report(tmp_path):
+    port = free_port()
+    out = tmp_path / "out"
+    assert demo.main(["--tiny", "--port", str(port), "--out", str(out)]) == 0
     image = Image.open(out / "taca_compare.png")
     width = (image.width - 16) // 3
     panels = [image.crop((i * (width + 8), 28, i * (width + 8) + width, image.height)) for i in range(3)]
