@@ -205,10 +205,11 @@ def train_dit(work: str, seed: int, steps: int, data: dict, log_every: int = 10,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
         opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))  # warm-up: the first weights do not linger in the EMA
         with torch.no_grad():
             for k, v in dm.state_dict().items():
                 if v.is_floating_point():
-                    ema[k].mul_(EMA_DECAY).add_(v.detach(), alpha=1 - EMA_DECAY)
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
         step += 1
         window.append(loss.item())
         if step % log_every == 0 or step == steps:
@@ -271,8 +272,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("data", "decoder", "dit", "package", "all"))
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=3500, help="diffusion-model steps")
-    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=5000, help="diffusion-model steps")
+    parser.add_argument("--decoder-steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=WORK)
     parser.add_argument("--out", default=None)

@@ -7,7 +7,7 @@
   position. 77 text tokens, as SD3 gives with CLIP-L only. Regenerated from the seed, never committed.
 * **VAE**: ComfyUI's TAESD with 16 latent channels. Its encoder is fixed and exact: a 2x2 average, two
   space-to-depth steps, then a linear projection of each 8x8 block's 4x4 grid of colours onto the
-  ``LATENT_CHANNELS`` principal directions of world renders. Its decoder is trained (``train_world_model.py``).
+  ``LATENT_CHANNELS`` principal directions of world renders, whitened. Its decoder is trained (``train_world_model.py``).
   ``encode_fast`` computes the same encoder with three tensor ops, for training data.
 * **Diffusion model**: ComfyUI's ``MMDiT`` (detection: hidden = 64 x depth, heads = depth), patch size 2, so a
   256 px image is 256 image tokens against 77 text tokens (3.3x); 368 px is 529 (6.9x), 512 px 1024 (13x).
@@ -93,14 +93,14 @@ def block_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def fit_projection(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight [16, 48], bias [16]) projecting block features onto their principal directions, scaled so the
-    latent has unit variance on average."""
+    """(weight [16, 48], bias [16]) projecting block features onto their principal directions, each scaled to
+    unit variance. Whitened, so the shape and texture directions (small variance in the image) are not
+    drowned by the sampling noise long after the colour directions have formed."""
     feats = block_features(images).permute(0, 2, 3, 1).reshape(-1, 48).double()
     mean = feats.mean(0)
     _, s, vh = torch.linalg.svd(feats - mean, full_matrices=False)
-    basis = vh[:LATENT_CHANNELS]
-    var = (s[:LATENT_CHANNELS] ** 2) / (feats.shape[0] - 1)
-    basis = basis / math.sqrt(float(var.mean()))
+    std = s[:LATENT_CHANNELS] / math.sqrt(feats.shape[0] - 1)
+    basis = vh[:LATENT_CHANNELS] / std[:, None]
     # principal directions have arbitrary sign; fix it so the fit is reproducible across BLAS builds
     basis = basis * torch.sign(basis.sum(1, keepdim=True) + 1e-12)
     return basis.float(), (-(basis @ mean)).float()
