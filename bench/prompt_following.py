@@ -81,16 +81,13 @@ class Engine:
         comfy_runtime.activate(cpu=True)
         self.pack = comfy_runtime.load_pack()
         import comfy.utils
-        import folder_paths
         import nodes
 
         from devtools import world_model
 
-        checkpoint = world_model.ensure_checkpoint(models_dir)
-        folder_paths.add_model_folder_path("checkpoints", os.path.dirname(checkpoint))
         self.nodes = nodes
         comfy.utils.PROGRESS_BAR_ENABLED = False
-        self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(checkpoint))
+        self.model, self.clip, self.vae = world_model.load(models_dir)
         with torch.inference_mode():
             self.negative = self.encode([""])
 
@@ -142,6 +139,7 @@ def run(args) -> None:
     cells = plan(args.resolutions, args.gammas, args.thresholds, args.modes)
     for cell in cells:
         t0, made = time.time(), 0
+        model = engine.patched(cell)
         for category in args.categories:
             for start in range(0, args.prompts, args.batch_prompts):
                 group = list(range(start, min(start + args.batch_prompts, args.prompts)))
@@ -149,7 +147,7 @@ def run(args) -> None:
                 if all(k in done for k in todo):
                     continue
                 prompts = [scenes[category][i].prompt for i in group]
-                images = engine.sample(engine.patched(cell), prompts, args.seeds, args.seed + start,
+                images = engine.sample(model, prompts, args.seeds, args.seed + start,
                                        cell.resolution, args.steps, args.cfg)
                 if start == 0:
                     save_sheet(images, len(group), os.path.join(args.out, "sheets", f"{cell.key} {category}.png"))
@@ -185,6 +183,8 @@ def save_sheet(images: np.ndarray, columns: int, path: str, side: int = 128) -> 
 
 def probe_cell(engine: Engine, cell: Cell, scenes, args) -> None:
     """The image-to-text share of one probed run per category (its first prompts, one seed)."""
+    from devtools import demo
+
     path = os.path.join(args.out, "probe.jsonl")
     if any(r["cell"] == cell.key for r in read_rows(path)):
         return
@@ -195,10 +195,9 @@ def probe_cell(engine: Engine, cell: Cell, scenes, args) -> None:
         model = engine.patched(cell, probe=True)
         engine.sample(model, prompts, 1, args.seed, cell.resolution, args.steps, args.cfg)
         data = hooks.last_probe_run(model).as_json()
-        plain = [v for step in data["steps"] for call in step["calls"] for v in call["share_plain"]]
-        taca = [v for step in data["steps"] for call in step["calls"] for v in call["share_taca"]]
-        rows.append({"cell": cell.key, "category": category, "share_plain": float(np.mean(plain)),
-                     "share_taca": float(np.mean(taca)), "steps": len(data["steps"])})
+        plain, taca = demo.mean_shares(data)
+        rows.append({"cell": cell.key, "category": category, "share_plain": plain, "share_taca": taca,
+                     "steps": len(data["steps"])})
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -295,6 +294,7 @@ def _series(meta):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from devtools import world_model
     from taca_eval import world
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,7 +306,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--thresholds", type=floats, default=list(THRESHOLDS),
                         help="threshold_sigma values; the first is used for the gamma sweep")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
-    parser.add_argument("--resolutions", type=lambda s: [int(v) for v in s.split(",")], default=[256, 368, 512])
+    parser.add_argument("--resolutions", type=lambda s: [int(v) for v in s.split(",")],
+                        default=list(world_model.RESOLUTIONS))
     parser.add_argument("--categories", type=lambda s: s.split(","), default=list(world.CATEGORIES))
     parser.add_argument("--split", default="heldout", choices=("heldout", "train"))
     parser.add_argument("--prompts", type=int, default=50, help="prompts per category")

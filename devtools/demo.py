@@ -220,13 +220,19 @@ def probe_note(data: Dict[str, Any]) -> str:
             "calls and batch entries); plot in taca_probe.png, numbers in taca_probe.json.")
 
 
+def halves(stitched, spacing: int = 8):
+    """(without TACA, with TACA) from the workflow's image stitched side by side."""
+    width = (stitched.width - spacing) // 2
+    return (stitched.crop((0, 0, width, stitched.height)),
+            stitched.crop((width + spacing, 0, 2 * width + spacing, stitched.height)))
+
+
 def comparison(stitched, spacing: int = 8):
     """Captioned panels from the workflow's stitched image: without TACA | with TACA | their difference."""
     from PIL import Image, ImageChops, ImageDraw
 
-    width = (stitched.width - spacing) // 2
-    left = stitched.crop((0, 0, width, stitched.height))
-    right = stitched.crop((width + spacing, 0, 2 * width + spacing, stitched.height))
+    left, right = halves(stitched, spacing)
+    width = left.width
     diff = ImageChops.difference(left, right)
     peak = max(hi for _, hi in diff.getextrema()) or 1
     diff = diff.point(lambda v: min(255, v * 255 // peak))
@@ -247,12 +253,6 @@ def set_prompt_text(prompt: Dict[str, Any], text: str) -> Dict[str, Any]:
     node = next(v for v in out.values() if v["_meta"]["title"] == "Prompt")
     node["inputs"]["text"] = text
     return out
-
-
-def halves(stitched, spacing: int = 8):
-    width = (stitched.width - spacing) // 2
-    return (stitched.crop((0, 0, width, stitched.height)),
-            stitched.crop((width + spacing, 0, 2 * width + spacing, stitched.height)))
 
 
 def verdicts(scenes, images) -> List[Tuple[dict, dict]]:

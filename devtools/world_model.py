@@ -231,6 +231,17 @@ def ensure_checkpoint(models_dir: str) -> str:
     return assemble_checkpoint(weights_path(), os.path.join(models_dir, "checkpoints", CHECKPOINT))
 
 
+def load(models_dir: str):
+    """(MODEL, CLIP, VAE) of the checkpoint through ComfyUI's stock CheckpointLoaderSimple, its folder added to
+    ComfyUI's checkpoint paths."""
+    import folder_paths
+    import nodes
+
+    checkpoint = ensure_checkpoint(models_dir)
+    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(checkpoint))
+    return nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(checkpoint))
+
+
 def assemble_checkpoint(weights_file: str, out_path: str, seed: int = SEED) -> str:
     """Write the full checkpoint (committed weights + the text encoder drawn from the seed) unless it is there
     and newer than the weights."""
@@ -245,11 +256,6 @@ def assemble_checkpoint(weights_file: str, out_path: str, seed: int = SEED) -> s
     safetensors.torch.save_file(state, tmp, metadata={"comfyui-taca": "compositional-world SD3-shaped model"})
     os.replace(tmp, out_path)
     return out_path
-
-
-def to_image(decoded: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8."""
-    return (decoded.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def to_tensor(images: List[np.ndarray]) -> torch.Tensor:

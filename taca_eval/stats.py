@@ -52,12 +52,6 @@ def paired_difference(treated: Dict[Tuple[Hashable, Hashable], float],
     return cluster_mean({k: treated[k] - baseline[k] for k in keys}, reps, seed)
 
 
-def sign_counts(treated: Dict, baseline: Dict) -> Tuple[int, int]:
-    """(pairs that improved, pairs that got worse)."""
-    keys = set(treated) & set(baseline)
-    return (sum(treated[k] > baseline[k] for k in keys), sum(treated[k] < baseline[k] for k in keys))
-
-
 def summarize(rows: Sequence[dict], key: str = "score") -> Dict[Tuple[Hashable, Hashable], float]:
     """``{(prompt, seed): row[key]}`` of result rows."""
     return {(r["prompt"], r["seed"]): float(r[key]) for r in rows}

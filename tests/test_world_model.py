@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
-
 from devtools import comfy_runtime, train_world_model, world_model
 from taca_eval import checker, world
 
@@ -18,12 +16,7 @@ MODELS = os.path.join(comfy_runtime.RUNTIME_HOME, "world_models")
 
 @pytest.fixture(scope="module")
 def loaded():
-    import folder_paths
-    import nodes
-
-    checkpoint = world_model.ensure_checkpoint(MODELS)
-    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(checkpoint))
-    return nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(checkpoint))
+    return world_model.load(MODELS)
 
 
 def test_checkpoint_is_detected_as_sd3_with_clip_l_and_taesd(loaded):
