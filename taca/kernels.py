@@ -93,7 +93,7 @@ def _may_borrow(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> bool:
     not contiguous (an expanded view repeats memory), and not when K shares memory with q or v (a fused
     qkv view, or k passed as v), which the write would change too.
     """
-    if _compiling() or (k.requires_grad and torch.is_grad_enabled()) or not k.is_contiguous():
+    if _compiling() or _autograd_records(k) or not k.is_contiguous():
         return False
     if k.is_inference() and not torch.is_inference_mode_enabled():
         return False
@@ -104,13 +104,18 @@ def _may_borrow(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> bool:
         return False
 
 
+def _autograd_records(k: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``k`` (training through TACA): it may have saved k for backward."""
+    return k.requires_grad and torch.is_grad_enabled()
+
+
 def key_policy(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, layout_copy: bool = False) -> KeyPolicy:
     """Who may write into ``k``, the K the kernel will read.
 
-    A layout copy this call made (``layout_copy``) is ours; the caller's own K is borrowed when that is
-    safe, else scaled as a copy.
+    A layout copy this call made (``layout_copy``) is ours unless autograd records it; the caller's own K is
+    borrowed when that is safe, else scaled as a copy.
     """
-    if layout_copy:
+    if layout_copy and not _autograd_records(k):
         return KeyPolicy.OWNED
     return KeyPolicy.BORROWED if _may_borrow(k, q, v) else KeyPolicy.COPY
 

@@ -103,6 +103,25 @@ def test_autograd_still_works(mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "selective"])
+def test_gradients_in_the_sd3_layout(mode):
+    """Training through TACA (the paper's TACA LoRA recipe): the K an SD3-layout call lays out again is recorded
+    by autograd, so it is not scaled in place, and the gradients are the float64 reference's."""
+    def tokens(t):  # (B, H, N, D) -> (B, N, H*D), as SD3's attention hands q, k, v over
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], HEADS * DIM)
+
+    q, k, v = inputs()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    weights = torch.randn(q.shape[0], TEXT + VISUAL, HEADS * DIM, generator=torch.Generator().manual_seed(9))
+    with torch.enable_grad():
+        out = override(mode)(comfy_attention.optimized_attention, *[tokens(t) for t in leaves], HEADS)
+        (out * weights).sum().backward()
+        ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+        (tokens(expected(*ref_leaves, mode)) * weights.double()).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert (got.grad.double() - want.grad).abs().max() <= 1e-4 * want.grad.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["exact", "selective"])
 def test_inference_tensors_outside_inference_mode(mode):
     with torch.inference_mode():
         q, k, v = inputs()
