@@ -6,7 +6,9 @@ compositional world's trained model (``devtools/world_model.py``) and its held-o
     ... bench/prompt_following.py --report-only     # the table and plot from the samples so far
 
 Every image goes through ComfyUI itself: the stock checkpoint loader, CLIP Text Encode, Empty SD3 Latent Image,
-TACA Patch Model, KSampler and VAE Decode, called in this process. Each cell (plain, or one TACA setting at one
+TACA Patch Model, TACA LoRA Loader, KSampler and VAE Decode, called in this process. With a TACA LoRA (by default
+the one ``devtools/train_world_model.py lora`` wrote) two cells more, as the paper's Table 4: the LoRA alone and
+TACA + LoRA. Each cell (plain, or one TACA setting at one
 resolution) samples the same (prompt, seed) pairs, so every TACA cell is paired with the plain cell of its
 resolution; the checker (``taca_eval.checker``) scores each image. One TACA Attention Probe run per cell and
 category gives the image-to-text attention share beside the scores.
@@ -42,23 +44,20 @@ class Cell(NamedTuple):
     gamma: float  # 1.0 = plain
     threshold: float
     mode: str
+    lora: bool = False  # the TACA LoRA (TACA LoRA Loader, active on TACA's steps), as the paper's Table 4
 
     @property
     def key(self) -> str:
-        if self.gamma == 1.0:
-            return f"{self.resolution}px plain"
-        return f"{self.resolution}px gamma {self.gamma:g} thr {self.threshold:g} {self.mode}"
-
-    @property
-    def plain(self) -> "Cell":
-        return Cell(self.resolution, 1.0, 0.0, "plain")
+        base = (f"{self.resolution}px plain" if self.gamma == 1.0
+                else f"{self.resolution}px gamma {self.gamma:g} thr {self.threshold:g} {self.mode}")
+        return base + " + LoRA" if self.lora else base
 
 
 def plan(resolutions: Iterable[int], gammas: Sequence[float], thresholds: Sequence[float],
-         modes: Sequence[str]) -> List[Cell]:
+         modes: Sequence[str], lora: bool = False) -> List[Cell]:
     """The cells in the order they are run, most telling first: at each resolution plain, the gammas at the
-    first threshold in the first mode, then in the other modes, then the other thresholds at gamma 1.2 (or the
-    first gamma)."""
+    first threshold in the first mode (with ``lora``, after gamma 1.2: the LoRA alone and TACA + LoRA), then
+    in the other modes, then the other thresholds at gamma 1.2 (or the first gamma)."""
     cells: List[Cell] = []
     central = 1.2 if 1.2 in gammas or not gammas else gammas[0]
     for res in resolutions:
@@ -66,6 +65,8 @@ def plan(resolutions: Iterable[int], gammas: Sequence[float], thresholds: Sequen
         for mode in modes:
             for gamma in sorted(gammas, key=lambda g: (g != central, g)):
                 cells.append(Cell(res, gamma, thresholds[0], mode))
+                if lora and gamma == central and mode == modes[0]:
+                    cells += [Cell(res, 1.0, 0.0, "plain", True), Cell(res, gamma, thresholds[0], mode, True)]
         for mode in modes if gammas else ():
             for thr in thresholds[1:]:
                 cells.append(Cell(res, central, thr, mode))
@@ -75,7 +76,7 @@ def plan(resolutions: Iterable[int], gammas: Sequence[float], thresholds: Sequen
 class Engine:
     """The trained model loaded through ComfyUI's stock nodes, and the pack's nodes, in this process."""
 
-    def __init__(self, models_dir: str):
+    def __init__(self, models_dir: str, lora: Optional[str] = None):
         import torch
 
         comfy_runtime.activate(cpu=True)
@@ -88,6 +89,12 @@ class Engine:
         self.nodes = nodes
         comfy.utils.PROGRESS_BAR_ENABLED = False
         self.model, self.clip, self.vae = world_model.load(models_dir)
+        self.lora = None
+        if lora:
+            import folder_paths
+
+            folder_paths.add_model_folder_path("loras", os.path.dirname(os.path.abspath(lora)))
+            self.lora = os.path.basename(lora)
         with torch.inference_mode():
             self.negative = self.encode([""])
 
@@ -104,6 +111,8 @@ class Engine:
         model = self.model
         if cell.gamma != 1.0:
             model = self.pack["TACAPatchModel"].execute(model, cell.gamma, cell.threshold, cell.mode).result[0]
+        if cell.lora:
+            model = self.pack["TACALoraLoader"].execute(model, self.lora, 1.0, "taca_steps").result[0]
         if probe:
             model = self.pack["TACAAttentionProbe"].execute(model, "taca_steps", 64).result[0]
         return model
@@ -134,9 +143,9 @@ def run(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     samples_path = os.path.join(args.out, "samples.jsonl")
     done = {(r["cell"], r["category"], r["prompt"], r["seed"]) for r in read_rows(samples_path)}
-    engine = Engine(args.models)
+    engine = Engine(args.models, args.lora)
     scenes = {c: [world.make_scene(c, i, args.split) for i in range(args.prompts)] for c in args.categories}
-    cells = plan(args.resolutions, args.gammas, args.thresholds, args.modes)
+    cells = plan(args.resolutions, args.gammas, args.thresholds, args.modes, bool(args.lora))
     for cell in cells:
         t0, made = time.time(), 0
         model = engine.patched(cell)
@@ -156,8 +165,9 @@ def run(args) -> None:
                         i, s = group[n % len(group)], n // len(group)
                         result = checker.score_all(scenes[category][i], image)
                         row = {"cell": cell.key, "resolution": cell.resolution, "gamma": cell.gamma,
-                               "threshold": cell.threshold, "mode": cell.mode, "category": category, "prompt": i,
-                               "seed": s, "objects": len(scenes[category][i].objects), "score": result["score"],
+                               "threshold": cell.threshold, "mode": cell.mode, "lora": cell.lora,
+                               "category": category, "prompt": i, "seed": s,
+                               "objects": len(scenes[category][i].objects), "score": result["score"],
                                "saw": result["seen"]}
                         f.write(json.dumps(row) + "\n")
                         done.add((cell.key, category, i, s))
@@ -188,7 +198,7 @@ def probe_cell(engine: Engine, cell: Cell, scenes, args) -> None:
     path = os.path.join(args.out, "probe.jsonl")
     if any(r["cell"] == cell.key for r in read_rows(path)):
         return
-    hooks = sys.modules[engine.pack["TACAPatchModel"].__module__.rsplit(".", 2)[0] + ".taca.hooks"]
+    hooks = comfy_runtime.pack_module("taca.hooks")
     rows = []
     for category in args.categories:
         prompts = [s.prompt for s in scenes[category][:args.batch_prompts]]
@@ -267,16 +277,20 @@ def _plot(out, by_cell, meta, categories, estimates) -> None:
         return
     fig, axes = plt.subplots(1, len(categories), figsize=(3.2 * len(categories), 3.0), dpi=100, squeeze=False)
     for ax, c in zip(axes[0], categories):
-        for (res, mode, thr), style in _series(meta):
+        for (res, mode, thr, lora), style in _series(meta):
+            def in_series(m):  # a TACA cell of this series, or the plain cell (with or without the LoRA) it starts at
+                return (m["resolution"] == res and m.get("lora", False) == lora
+                        and (m["gamma"] == 1.0 or (m["mode"] == mode and m["threshold"] == thr)))
+
             points = sorted((meta[k]["gamma"], estimates[(k, c)][0]) for k in by_cell
-                            if (k, c) in estimates and meta[k]["resolution"] == res
-                            and (meta[k]["gamma"] == 1.0 or (meta[k]["mode"] == mode and meta[k]["threshold"] == thr)))
+                            if (k, c) in estimates and in_series(meta[k]))
             if len(points) < 2:
                 continue
             xs = [p[0] for p in points]
             ys = [p[1].mean for p in points]
             err = [[p[1].mean - p[1].low for p in points], [p[1].high - p[1].mean for p in points]]
-            ax.errorbar(xs, ys, yerr=err, label=f"{res}px {mode} thr {thr:g}", capsize=2, **style)
+            label = f"{res}px {mode} thr {thr:g}" + (" + LoRA" if lora else "")
+            ax.errorbar(xs, ys, yerr=err, label=label, capsize=2, **style)
         ax.set_title(c)
         ax.set_xlabel("gamma (1 = plain)")
         ax.grid(alpha=0.3)
@@ -288,7 +302,8 @@ def _plot(out, by_cell, meta, categories, estimates) -> None:
 
 
 def _series(meta):
-    seen = sorted({(m["resolution"], m["mode"], m["threshold"]) for m in meta.values() if m["gamma"] != 1.0})
+    seen = sorted({(m["resolution"], m["mode"], m["threshold"], m.get("lora", False)) for m in meta.values()
+                   if m["gamma"] != 1.0})
     styles = ["-o", "--s", ":^", "-.v", "-d", "--x"]
     return [(s, {"fmt": styles[i % len(styles)]}) for i, s in enumerate(seen)]
 
@@ -317,6 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="sampling steps (20: TACA at the default threshold acts on the first 2, the paper's first 10%%)")
     parser.add_argument("--cfg", type=float, default=4.5)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--lora", default=world_model.lora_path() if os.path.isfile(world_model.lora_path()) else "",
+                        help="a TACA LoRA file: adds the cells LoRA alone and TACA + LoRA ('' for none)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:

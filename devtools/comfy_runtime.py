@@ -71,3 +71,11 @@ def load_pack():
         if not asyncio.run(comfy_nodes.load_custom_node(pack_dir, module_parent="custom_nodes")):
             raise RuntimeError("ComfyUI failed to load the pack")
     return comfy_nodes.NODE_CLASS_MAPPINGS
+
+
+def pack_module(name: str):
+    """A module of the loaded pack, e.g. ``pack_module("taca.hooks")`` (the pack loads under its folder name)."""
+    import importlib
+
+    root = load_pack()["TACAPatchModel"].__module__.rsplit(".", 2)[0]
+    return importlib.import_module(f"{root}.{name}")

@@ -12,6 +12,11 @@ Stages (each resumes from its last saved state under ``--work``, so a stopped ru
   model predicts e - x0), logit-normal sigmas shifted by SD3's 3.0, 10% empty prompts for CFG, an EMA of the
   weights, several resolutions. Writes a loss log (CSV) and its curve.
 * ``package``: writes the committed weights (EMA diffusion model + VAE) to ``models/checkpoints``.
+* ``lora``: the paper's TACA LoRA recipe (sec. 3.3, eq. 13) on the packaged model: LoRA adapters on every
+  attention projection, fine-tuned with TACA active (gamma 1.2, exact), on sigmas of TACA's window only (the
+  early steps, where the LoRA acts at sampling time). The model runs through ComfyUI with the pack's own TACA
+  Patch Model and LoRA code, so the LoRA is trained exactly as it is applied. Written in PEFT's format (the
+  authors' releases) to ``models/loras``, where the TACA LoRA Loader reads it.
 
 Everything is drawn from ``--seed``: the same seed and thread count give the same weights bit for bit.
 """
@@ -43,7 +48,7 @@ SCENES = {256: 20000, 368: 3000, 512: 1500}
 
 
 def _paths(work: str) -> Dict[str, str]:
-    return {name: os.path.join(work, f"{name}.pt") for name in ("data", "decoder", "dit")}
+    return {name: os.path.join(work, f"{name}.pt") for name in ("data", "decoder", "dit", "lora")}
 
 
 def _save(obj, path: str) -> None:
@@ -268,9 +273,114 @@ def package(work: str, seed: int, data: dict, out: str, weights: str = "ema") ->
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# TACA LoRA
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_GAMMA, LORA_THRESHOLD = 1.2, 0.97  # TACA while the LoRA trains: the paper's defaults
+
+
+def new_lora(base_model, rank: int, seed: int) -> Dict[str, torch.Tensor]:
+    """A PEFT-format LoRA on every attention projection of ``base_model`` (diffusers names, as the authors'
+    releases): lora_A drawn as PEFT draws it, lora_B zero, so training starts from the model itself."""
+    import comfy.lora
+
+    modules = dict(base_model.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, target in sorted(comfy.lora.model_lora_keys_unet(base_model, {}).items()):
+        if not key.startswith("transformer.") or not key.endswith(tuple("." + t for t in LORA_TARGETS)):
+            continue
+        weight_key, offset = (target, None) if isinstance(target, str) else target
+        module = modules.get(weight_key[:-len(".weight")])
+        if module is None:  # the map names every SD3.5 layer (attn2 of MMDiT-X); this model has fewer
+            continue
+        weight = module.weight
+        fan_in, out = weight.shape[1], offset[2] if offset is not None else weight.shape[0]
+        bound = 1 / math.sqrt(fan_in)  # PEFT: kaiming_uniform_(a=sqrt(5))
+        tensors[f"{key}.lora_A.weight"] = (torch.rand(rank, fan_in, generator=g) * 2 - 1) * bound
+        tensors[f"{key}.lora_B.weight"] = torch.zeros(out, rank)
+    return tensors
+
+
+def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16, lr: float = 5e-4,
+               batch: int = 32) -> Dict[str, torch.Tensor]:
+    import comfy.model_management
+
+    from . import world_model as wm
+
+    path = _paths(work)["lora"]
+    pack = comfy_runtime.load_pack()
+    taca_lora = comfy_runtime.pack_module("taca.lora")
+    model, _, _ = wm.load(os.path.join(work, "models"))
+    model.model.requires_grad_(False)
+    tensors, step, log = new_lora(model.model, rank, seed), 0, []
+    if os.path.isfile(path):
+        state = torch.load(path)
+        tensors, step, log = state["lora"], state["step"], state["log"]
+    params = [t.requires_grad_(True) for t in tensors.values()]
+    match = taca_lora.match_lora(model.model, tensors, 1.0)
+    applied = {id(low.down) for ups in match.updates.values() for low in ups}
+    applied |= {id(low.up) for ups in match.updates.values() for low in ups}
+    if match.matched_tensors != len(tensors) or applied != {id(p) for p in params}:
+        raise RuntimeError(f"the LoRA loader did not take the trained tensors as they are: {match.unmatched}")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if os.path.isfile(path):
+        opt.load_state_dict(state["opt"])
+    patched = model.clone()
+    taca_lora.install(patched, match, "taca_steps", None, "training")
+    patched = pack["TACAPatchModel"].execute(patched, LORA_GAMMA, LORA_THRESHOLD, "exact").result[0]
+    comfy.model_management.load_models_gpu([patched])
+    options = dict(patched.model_options["transformer_options"], wrappers=patched.wrappers)  # as the sampler does
+    part, t0, window = data["by_res"][wm.IMAGE_SIZE], time.time(), []
+    while step < steps:
+        rng = np.random.default_rng([seed, 3, step])
+        idx = rng.integers(0, len(part["prompt"]), batch)
+        x0 = part["latents"][idx].float()
+        prompt = part["prompt"][idx].clone()
+        prompt[torch.from_numpy(rng.random(batch) < EMPTY_PROMPT_RATE)] = 0
+        cond, pooled = wm.pad_condition(data["cond"][prompt].float(), data["pooled"][prompt])
+        g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        sigma = LORA_THRESHOLD + (1 - LORA_THRESHOLD) * torch.rand(batch, generator=g)  # TACA's window
+        noise = torch.randn(x0.shape, generator=g)
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20)
+        denoised = patched.model.apply_model(xt, sigma, c_crossattn=cond, y=pooled, transformer_options=options)
+        loss = torch.nn.functional.mse_loss((xt - denoised) / s, noise - x0)  # the flow: denoised = x_t - s v
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0 and all(p.grad is None or not p.grad.any() for p in params):
+            raise RuntimeError("the LoRA got no gradient: it did not act in the model call")
+        opt.step()
+        step += 1
+        window.append(loss.item())
+        if step % 10 == 0 or step == steps:
+            log.append((step, float(np.mean(window)), round(time.time() - t0, 1)))
+            window = []
+        if step % 50 == 0 or step == steps:
+            _save({"lora": {k: v.detach() for k, v in tensors.items()}, "opt": opt.state_dict(), "step": step,
+                   "log": log}, path)
+            print(f"[lora] step {step}/{steps} loss {log[-1][1]:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    return {"lora": {k: v.detach().contiguous() for k, v in tensors.items()}, "log": log}
+
+
+def save_lora(result: Dict, out: str, seed: int, rank: int) -> str:
+    import safetensors.torch
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    meta = {"comfyui-taca": "TACA LoRA of the compositional-world model", "seed": str(seed), "rank": str(rank),
+            "taca_gamma": str(LORA_GAMMA), "taca_threshold": str(LORA_THRESHOLD), "steps": str(result["log"][-1][0])}
+    safetensors.torch.save_file(result["lora"], out, metadata=meta)
+    write_log(result["log"], "lora_loss", ["step", "mse", "seconds"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("data", "decoder", "dit", "package", "all"))
+    parser.add_argument("stage", choices=("data", "decoder", "dit", "package", "all", "lora"))
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5000, help="diffusion-model steps")
     parser.add_argument("--decoder-steps", type=int, default=2000)
@@ -279,6 +389,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--weights", choices=("ema", "last"), default="ema",
                         help="package the EMA of the diffusion model's weights or its last weights")
+    parser.add_argument("--lora-steps", type=int, default=400)
+    parser.add_argument("--lora-rank", type=int, default=16, help="the authors released ranks 16 and 64")
     parser.add_argument("--scene-scale", type=float, default=1.0, help="fraction of the training scenes (smoke runs)")
     args = parser.parse_args(argv)
     comfy_runtime.activate(cpu=True)
@@ -293,6 +405,9 @@ def main(argv=None) -> int:
         train_dit(args.work, seed, args.steps, data)
     if args.stage in ("package", "all"):
         print(package(args.work, seed, data, args.out or wm.weights_path(REPO), args.weights))
+    if args.stage == "lora":
+        result = train_lora(args.work, seed, args.lora_steps, data, args.lora_rank)
+        print(save_lora(result, args.out or wm.lora_path(REPO), seed, args.lora_rank))
     return 0
 
 

@@ -33,6 +33,7 @@ LATENT_CHANNELS = 16
 VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609  # SD3's latent format: the model then sees the encoder's raw output
 CHECKPOINT = "taca_world_sd3.safetensors"
 WEIGHTS = "taca_world_sd3_weights.safetensors"  # the committed part: diffusion model and VAE (no text encoder)
+LORA = "taca_world_sd3_taca_lora.safetensors"  # the paper's TACA LoRA recipe on this model (PEFT format)
 TEXT_PREFIX = "text_encoders.clip_l."
 RESIDUAL_SCALE = 0.2  # CLIP-L residual branches, scaled so tokens keep their identity
 
@@ -224,6 +225,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def weights_path(repo: str = REPO) -> str:
     return os.path.join(repo, "models", "checkpoints", WEIGHTS)
+
+
+def lora_path(repo: str = REPO) -> str:
+    return os.path.join(repo, "models", "loras", LORA)
 
 
 def ensure_checkpoint(models_dir: str) -> str:

@@ -1,6 +1,7 @@
 """The compositional world's trained model: its checkpoint loads through ComfyUI's stock loader and samples
 through the real sampler; its VAE encoder is the documented fixed encoder; the checker reads the images it
-round-trips; the training script reproduces its first steps bit for bit from the seed."""
+round-trips; the training script reproduces its first steps bit for bit from the seed, and its TACA LoRA stage
+writes a LoRA the pack's loader applies."""
 
 import os
 
@@ -102,3 +103,24 @@ def test_training_first_steps_reproduce_bit_for_bit(tmp_path):
     for key, value in first["model"].items():
         assert torch.equal(value, again["model"][key]), key
     assert any(not torch.equal(v, other["model"][k]) for k, v in first["model"].items())
+
+
+def test_taca_lora_recipe_trains_a_lora_the_loader_applies(tmp_path, loaded):
+    """The LoRA stage (the paper's recipe): two steps with TACA active move the LoRA off its zero start, on every
+    attention projection, and the TACA LoRA Loader's matching takes every tensor of the file it writes."""
+    import safetensors.torch
+
+    from taca import lora as taca_lora
+
+    out = tmp_path / "lora.safetensors"
+    train_world_model.main(["lora", "--work", str(tmp_path / "w"), "--scene-scale", "0.0005", "--lora-steps", "2",
+                            "--lora-rank", "4", "--threads", "1", "--out", str(out)])
+    tensors = safetensors.torch.load_file(out)
+    still_zero = {k for k, t in tensors.items() if k.endswith("lora_B.weight") and t.abs().max() == 0}
+    # SD3's last block discards its text outputs, so its text queries get no gradient
+    assert still_zero <= {f"transformer.transformer_blocks.{world_model.DEPTH - 1}.attn.add_q_proj.lora_B.weight"}
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {4}
+    match = taca_lora.match_lora(loaded[0].model, tensors, 1.0)
+    assert match.matched_tensors == len(tensors), match.unmatched
+    projections = {name for name, m in loaded[0].model.named_modules() if name.endswith((".attn.qkv", ".attn.proj"))}
+    assert set(match.updates) == projections
