@@ -226,9 +226,9 @@ def train_dit(work: str, seed: int, steps: int, data: dict, log_every: int = 10,
     return {"model": dm.state_dict(), "ema": ema, "log": log}
 
 
-def write_log(log: List[tuple], name: str, columns: List[str]) -> None:
-    os.makedirs(LOG_DIR, exist_ok=True)
-    with open(os.path.join(LOG_DIR, f"{name}.csv"), "w", newline="") as f:
+def write_log(log: List[tuple], name: str, columns: List[str], folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(log)
@@ -248,11 +248,11 @@ def write_log(log: List[tuple], name: str, columns: List[str]) -> None:
     ax.set_title(name.replace("_", " "))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(LOG_DIR, f"{name}.png"))
+    fig.savefig(os.path.join(folder, f"{name}.png"))
     plt.close(fig)
 
 
-def package(work: str, seed: int, data: dict, out: str, weights: str = "ema") -> str:
+def package(work: str, seed: int, data: dict, out: str, weights: str = "ema", logs: str = LOG_DIR) -> str:
     import safetensors.torch
 
     from . import world_model as wm
@@ -268,8 +268,8 @@ def package(work: str, seed: int, data: dict, out: str, weights: str = "ema") ->
     meta = {"comfyui-taca": "compositional-world SD3-shaped model; text encoder: run devtools.world_model",
             "seed": str(seed), "dit_steps": str(dit["step"]), "decoder_steps": str(dec["step"]), "weights": weights}
     safetensors.torch.save_file(state, out, metadata=meta)
-    write_log(dit["log"], "dit_loss", ["step", "mse", "seconds"])
-    write_log(dec["log"][::10], "decoder_loss", ["step", "l1"])
+    write_log(dit["log"], "dit_loss", ["step", "mse", "seconds"], logs)
+    write_log(dec["log"][::10], "decoder_loss", ["step", "l1"], logs)
     return out
 
 
@@ -367,14 +367,14 @@ def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16, lr:
     return {"lora": {k: v.detach().contiguous() for k, v in tensors.items()}, "log": log}
 
 
-def save_lora(result: Dict, out: str, seed: int, rank: int) -> str:
+def save_lora(result: Dict, out: str, seed: int, rank: int, logs: str = LOG_DIR) -> str:
     import safetensors.torch
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = {"comfyui-taca": "TACA LoRA of the compositional-world model", "seed": str(seed), "rank": str(rank),
             "taca_gamma": str(LORA_GAMMA), "taca_threshold": str(LORA_THRESHOLD), "steps": str(result["log"][-1][0])}
     safetensors.torch.save_file(result["lora"], out, metadata=meta)
-    write_log(result["log"], "lora_loss", ["step", "mse", "seconds"])
+    write_log(result["log"], "lora_loss", ["step", "mse", "seconds"], logs)
     return out
 
 
@@ -382,11 +382,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("data", "decoder", "dit", "package", "all", "lora"))
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=5000, help="diffusion-model steps")
+    parser.add_argument("--steps", type=int, default=3400, help="diffusion-model steps (about an hour here)")
     parser.add_argument("--decoder-steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=WORK)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--logs", default=LOG_DIR, help="where the loss logs and curves go")
     parser.add_argument("--weights", choices=("ema", "last"), default="ema",
                         help="package the EMA of the diffusion model's weights or its last weights")
     parser.add_argument("--lora-steps", type=int, default=400)
@@ -404,10 +405,10 @@ def main(argv=None) -> int:
     if args.stage in ("dit", "all"):
         train_dit(args.work, seed, args.steps, data)
     if args.stage in ("package", "all"):
-        print(package(args.work, seed, data, args.out or wm.weights_path(REPO), args.weights))
+        print(package(args.work, seed, data, args.out or wm.weights_path(REPO), args.weights, args.logs))
     if args.stage == "lora":
         result = train_lora(args.work, seed, args.lora_steps, data, args.lora_rank)
-        print(save_lora(result, args.out or wm.lora_path(REPO), seed, args.lora_rank))
+        print(save_lora(result, args.out or wm.lora_path(REPO), seed, args.lora_rank, args.logs))
     return 0
 
 

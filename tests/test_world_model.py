@@ -114,8 +114,9 @@ def test_taca_lora_recipe_trains_a_lora_the_loader_applies(tmp_path, loaded):
 
     out = tmp_path / "lora.safetensors"
     train_world_model.main(["lora", "--work", str(tmp_path / "w"), "--scene-scale", "0.0005", "--lora-steps", "2",
-                            "--lora-rank", "4", "--threads", "1", "--out", str(out)])
+                            "--lora-rank", "4", "--threads", "1", "--out", str(out), "--logs", str(tmp_path)])
     tensors = safetensors.torch.load_file(out)
+    assert (tmp_path / "lora_loss.csv").is_file()
     still_zero = {k for k, t in tensors.items() if k.endswith("lora_B.weight") and t.abs().max() == 0}
     # SD3's last block discards its text outputs, so its text queries get no gradient
     assert still_zero <= {f"transformer.transformer_blocks.{world_model.DEPTH - 1}.attn.add_q_proj.lora_B.weight"}
