@@ -199,7 +199,7 @@ def train_dit(work: str, seed: int, steps: int, data: dict, log_every: int = 10,
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
-    t0, window = time.time(), []
+    t0, window = time.time() - (log[-1][2] if log else 0.0), []  # seconds count on across a resume
     while step < steps:
         xt, sigma, cond, pooled, target = _batch(data, np.random.default_rng([seed, 2, step]))
         for group in opt.param_groups:
@@ -333,7 +333,7 @@ def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16, lr:
     patched = pack["TACAPatchModel"].execute(patched, LORA_GAMMA, LORA_THRESHOLD, "exact").result[0]
     comfy.model_management.load_models_gpu([patched])
     options = dict(patched.model_options["transformer_options"], wrappers=patched.wrappers)  # as the sampler does
-    part, t0, window = data["by_res"][wm.IMAGE_SIZE], time.time(), []
+    part, t0, window = data["by_res"][wm.IMAGE_SIZE], time.time() - (log[-1][2] if log else 0.0), []
     while step < steps:
         rng = np.random.default_rng([seed, 3, step])
         idx = rng.integers(0, len(part["prompt"]), batch)
