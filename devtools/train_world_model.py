@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -153,14 +153,25 @@ def train_decoder(work: str, seed: int, steps: int, data: dict, batch: int = 16,
 # diffusion model
 
 
-def _batch(data: dict, rng: np.random.Generator):
+def _shifted_logit_normal(batch: int, g: torch.Generator) -> torch.Tensor:
+    sigma = torch.sigmoid(torch.randn(batch, generator=g))
+    return SHIFT * sigma / (1 + (SHIFT - 1) * sigma)
+
+
+def _batch(data: dict, rng: np.random.Generator, res: Optional[int] = None,
+           draw_sigma: Callable[[int, torch.Generator], torch.Tensor] = _shifted_logit_normal):
+    """(x_t, sigma, cond, pooled, target) of one training batch: at ``res`` (default: drawn from the resolution
+    mix), sigmas from ``draw_sigma``, the target being the flow e - x0."""
     from . import world_model as wm
 
-    u = rng.random()
-    for res, batch, share in RESOLUTION_MIX:
-        if u < share:
-            break
-        u -= share
+    if res is None:
+        u = rng.random()
+        for res, batch, share in RESOLUTION_MIX:
+            if u < share:
+                break
+            u -= share
+    else:
+        batch = next(b for r, b, _ in RESOLUTION_MIX if r == res)
     part = data["by_res"][res]
     idx = rng.integers(0, len(part["prompt"]), batch)
     x0 = part["latents"][idx].float()
@@ -168,8 +179,7 @@ def _batch(data: dict, rng: np.random.Generator):
     prompt[torch.from_numpy(rng.random(batch) < EMPTY_PROMPT_RATE)] = 0  # prompt 0 is ""
     cond, pooled = wm.pad_condition(data["cond"][prompt].float(), data["pooled"][prompt])
     g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-    sigma = torch.sigmoid(torch.randn(batch, generator=g))
-    sigma = SHIFT * sigma / (1 + (SHIFT - 1) * sigma)
+    sigma = draw_sigma(batch, g)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma[:, None, None, None]
     return (1 - s) * x0 + s * noise, sigma, cond, pooled, noise - x0
@@ -304,8 +314,12 @@ def new_lora(base_model, rank: int, seed: int) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16, lr: float = 5e-4,
-               batch: int = 32) -> Dict[str, torch.Tensor]:
+def _taca_window_sigmas(batch: int, g: torch.Generator) -> torch.Tensor:
+    return LORA_THRESHOLD + (1 - LORA_THRESHOLD) * torch.rand(batch, generator=g)
+
+
+def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16,
+               lr: float = 5e-4) -> Dict[str, torch.Tensor]:
     import comfy.model_management
 
     from . import world_model as wm
@@ -315,10 +329,11 @@ def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16, lr:
     taca_lora = comfy_runtime.pack_module("taca.lora")
     model, _, _ = wm.load(os.path.join(work, "models"))
     model.model.requires_grad_(False)
-    tensors, step, log = new_lora(model.model, rank, seed), 0, []
-    if os.path.isfile(path):
-        state = torch.load(path)
+    state = torch.load(path) if os.path.isfile(path) else None
+    if state:
         tensors, step, log = state["lora"], state["step"], state["log"]
+    else:
+        tensors, step, log = new_lora(model.model, rank, seed), 0, []
     params = [t.requires_grad_(True) for t in tensors.values()]
     match = taca_lora.match_lora(model.model, tensors, 1.0)
     applied = {id(low.down) for ups in match.updates.values() for low in ups}
@@ -326,30 +341,22 @@ def train_lora(work: str, seed: int, steps: int, data: dict, rank: int = 16, lr:
     if match.matched_tensors != len(tensors) or applied != {id(p) for p in params}:
         raise RuntimeError(f"the LoRA loader did not take the trained tensors as they are: {match.unmatched}")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if os.path.isfile(path):
+    if state:
         opt.load_state_dict(state["opt"])
     patched = model.clone()
     taca_lora.install(patched, match, "taca_steps", None, "training")
     patched = pack["TACAPatchModel"].execute(patched, LORA_GAMMA, LORA_THRESHOLD, "exact").result[0]
     comfy.model_management.load_models_gpu([patched])
     options = dict(patched.model_options["transformer_options"], wrappers=patched.wrappers)  # as the sampler does
-    part, t0, window = data["by_res"][wm.IMAGE_SIZE], time.time() - (log[-1][2] if log else 0.0), []
+    t0, window = time.time() - (log[-1][2] if log else 0.0), []
     while step < steps:
-        rng = np.random.default_rng([seed, 3, step])
-        idx = rng.integers(0, len(part["prompt"]), batch)
-        x0 = part["latents"][idx].float()
-        prompt = part["prompt"][idx].clone()
-        prompt[torch.from_numpy(rng.random(batch) < EMPTY_PROMPT_RATE)] = 0
-        cond, pooled = wm.pad_condition(data["cond"][prompt].float(), data["pooled"][prompt])
-        g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-        sigma = LORA_THRESHOLD + (1 - LORA_THRESHOLD) * torch.rand(batch, generator=g)  # TACA's window
-        noise = torch.randn(x0.shape, generator=g)
-        s = sigma[:, None, None, None]
-        xt = (1 - s) * x0 + s * noise
+        xt, sigma, cond, pooled, target = _batch(data, np.random.default_rng([seed, 3, step]), wm.IMAGE_SIZE,
+                                                 _taca_window_sigmas)  # the early steps, where the LoRA acts
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20)
         denoised = patched.model.apply_model(xt, sigma, c_crossattn=cond, y=pooled, transformer_options=options)
-        loss = torch.nn.functional.mse_loss((xt - denoised) / s, noise - x0)  # the flow: denoised = x_t - s v
+        s = sigma[:, None, None, None]
+        loss = torch.nn.functional.mse_loss((xt - denoised) / s, target)  # the flow: denoised = x_t - s v
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step == 0 and all(p.grad is None or not p.grad.any() for p in params):
